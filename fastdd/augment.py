@@ -15,7 +15,8 @@ batch receives the transform of group ``group[i]``. This one mechanism covers
 
 In mode ``'S'`` each group applies ONE op, chosen uniformly from the strategy; the choice is drawn once
 per *op group* (``op_groups`` maps groups to op groups), so several groups can share an op choice while
-keeping their own parameters. In mode ``'M'`` every op of the strategy is applied, in strategy order.
+keeping their own parameters; each op is computed only on the samples whose group chose it. In mode
+``'M'`` every op of the strategy is applied, in strategy order.
 
 Everything is batched over samples and groups (no Python loop over either; only over the <= 6 ops), runs
 on the images' device and is differentiable w.r.t. the images. Random numbers come only from an explicit
@@ -300,6 +301,41 @@ def apply_affine(x: torch.Tensor, scale_x: torch.Tensor, scale_y: torch.Tensor,
     return torch.where(keep.view(-1, 1, 1, 1), x, out)
 
 
+class _GatherRows(torch.autograd.Function):
+    """``pieces[j] = x[rows[j]]`` for index tensors ``rows`` that partition ``range(N)``.
+
+    Adjoint of :class:`_ScatterRows` (each one's backward is the other), so the backward pass is one
+    scatter of the pieces' gradients instead of a zero-filled ``[N, ...]`` buffer plus ``index_add``
+    per piece; twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *rows):
+        ctx.rows = rows
+        return tuple(x.index_select(0, r) for r in rows)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (_ScatterRows.apply(ctx.rows, *grads),) + (None,) * len(ctx.rows)
+
+
+class _ScatterRows(torch.autograd.Function):
+    """``out[rows[j]] = pieces[j]``: rows (index tensors) partition ``range(N)``, so every row is written."""
+
+    @staticmethod
+    def forward(ctx, rows, *pieces):
+        ctx.rows = rows
+        first = pieces[0]
+        out = first.new_empty((sum(int(r.shape[0]) for r in rows),) + tuple(first.shape[1:]))
+        for r, piece in zip(rows, pieces):
+            out.index_copy_(0, r, piece)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) + tuple(_GatherRows.apply(grad, *ctx.rows))
+
+
 def _check_group(name: str, group, n: int, num_groups: int, device) -> torch.Tensor:
     check_tensor(name, group, ndim=1, dtypes=_INT_DTYPES)
     if group.shape[0] != n:
@@ -408,7 +444,9 @@ class DSA:
     def _effective(self, draw: AugDraw) -> AugDraw:
         """Per-group parameters with every op not applied by a group set to its identity parameters.
 
-        An op is applied by a group when it is in the strategy and (mode 'S') it is the group's op.
+        An op is applied by a group when it is in the strategy and (mode 'S') it is the group's op. Used
+        by the dense path (mode 'M', and mode 'S' under ``torch.compile``); eager mode 'S' runs
+        :meth:`_apply_chosen` instead, which gives bit-identical results.
         """
         ident = AugDraw.identity(draw.num_groups, draw.op.device)
         out = {}
@@ -452,6 +490,10 @@ class DSA:
             if lo < 0 or hi >= len(self.ops):
                 raise ValueError(f"draw.op: values must lie in [0, {len(self.ops)}) for strategy "
                                  f"{'_'.join(self.ops)!r}, found range [{lo}, {hi}]")
+        if self.mode == "S" and not torch.compiler.is_compiling():
+            return self._apply_chosen(x, draw, group)
+        # Mode 'M', or mode 'S' under torch.compile (no data-dependent shapes there): every op of the
+        # strategy on every sample, with identity parameters where a sample does not apply the op.
         p = self._effective(draw).index(group)  # per-sample parameters [N]
         h, w = x.shape[-2:]
         fused_geometry = self.mode == "S"  # one op per sample: scale and rotate never compose
@@ -474,6 +516,57 @@ class DSA:
             else:  # rotate
                 x = apply_affine(x, torch.ones_like(p.scale_x), torch.ones_like(p.scale_y), p.angle)
         return x
+
+    def _apply_op(self, name: str, x: torch.Tensor, p: AugDraw) -> torch.Tensor:
+        """Op ``name`` alone on ``x`` ``[N, C, H, W]`` with per-sample parameters ``p`` (``[N]`` fields).
+
+        ``scale`` and ``rotate`` are each one resampling with the other factor at its identity (angle 0,
+        resp. scales 1): the same theta the fused mode-'S' geometry of :meth:`_effective` gives.
+        """
+        if name == "color":
+            return apply_color(x, p.brightness, p.saturation, p.contrast)
+        if name == "crop":
+            return apply_crop(x, p.shift_x, p.shift_y)
+        if name == "cutout":
+            size = cutout_size(tuple(x.shape[-2:]), self.params.ratio_cutout)
+            return apply_cutout(x, p.cutout_x, p.cutout_y, size)
+        if name == "flip":
+            return apply_flip(x, p.flip)
+        if name == "scale":
+            return apply_affine(x, p.scale_x, p.scale_y, torch.zeros_like(p.angle))
+        return apply_affine(x, torch.ones_like(p.scale_x), torch.ones_like(p.scale_y), p.angle)  # rotate
+
+    def _apply_chosen(self, x: torch.Tensor, draw: AugDraw, group: torch.Tensor) -> torch.Tensor:
+        """Mode 'S': each sample gets ONLY the op its group chose (``draw.op[group]``).
+
+        The rows are partitioned by op index (a stable sort, then one contiguous run per op), each op runs
+        once on the rows that chose it, with their parameters, and the results are scattered back to
+        those rows (``index_copy``); no op is computed for samples that do not apply it (and when the
+        whole batch applies one op, it runs on ``x`` directly, unpermuted). Every op acts on each sample
+        independently, so this is bit-identical to applying every op with identity parameters to the
+        samples that did not choose it (the dense formulation, kept for mode 'M' and for mode 'S' under
+        ``torch.compile``). Differentiable (twice) w.r.t. ``x``; consumes no random numbers.
+
+        Host sync: one per call, reading the per-op sample counts (``bincount(...).tolist()``) that size
+        the slices; the rest stays on x's device.
+        """
+        n = x.shape[0]
+        if n == 0:
+            return x.clone()
+        op = draw.op[group]  # [N] op index of each sample
+        counts = torch.bincount(op, minlength=len(self.ops)).tolist()  # host sync (slice sizes)
+        present = [k for k, c in enumerate(counts) if c]
+        if len(present) == 1:  # one op for the whole batch (e.g. per_sample's default): no permutation
+            return self._apply_op(self.ops[present[0]], x, draw.index(group))
+        # Stable sort by op: rows[j] = the samples (in batch order) whose op is present[j].
+        order = torch.argsort(op, stable=True)
+        sizes = [counts[k] for k in present]
+        rows = order.split(sizes)
+        pieces = _GatherRows.apply(x, *rows)
+        p = draw.index(group.index_select(0, order))  # per-sample parameters in sorted order, split per op
+        params = [AugDraw(*v) for v in zip(*(getattr(p, f.name).split(sizes) for f in fields(AugDraw)))]
+        out = [self._apply_op(self.ops[k], pieces[j], params[j]) for j, k in enumerate(present)]
+        return _ScatterRows.apply(rows, *out)
 
     # ------------------------------------------------------------------------------------------------
     def siamese(self, real: torch.Tensor, real_group: torch.Tensor, syn: torch.Tensor,

@@ -514,3 +514,94 @@ def test_dsa_strategy_for():
     assert dsa_strategy_for("digits") == "color_crop_cutout_scale_rotate"
     for name in ("fashion_mnist", "FashionMNIST", "cifar10", "cifar100", "tinyimagenet"):
         assert dsa_strategy_for(name) == "color_crop_cutout_flip_scale_rotate"
+
+
+# ---------------------------------------------------------------------------------------------------
+# mode 'S' computes each op only on the rows that chose it
+# ---------------------------------------------------------------------------------------------------
+
+
+def _dense_mode_s(dsa, x, d, grp):
+    """The dense mode-'S' formulation: every op on every row, identity parameters where not chosen.
+
+    Mode 'M' applies the ops in strategy order; with the effective parameters only the chosen op of a row
+    is not the identity (and scale / rotate each with the other factor at its identity give the same
+    theta as one fused resampling).
+    """
+    return DSA("_".join(dsa.ops), params=dsa.params, mode="M").apply(x, dsa._effective(d), grp)
+
+
+@pytest.mark.parametrize("strategy", [FULL_STRATEGY, NO_FLIP_STRATEGY, "scale_rotate", "flip_color"])
+@pytest.mark.parametrize("shape", [(40, 3, 9, 10), (30, 1, 8, 8)])
+def test_mode_s_rowwise_equals_single_op(strategy, shape):
+    """Each row of a mode-'S' apply equals the single-op DSA of that row's op applied to that row alone."""
+    dsa = DSA(strategy)
+    G = 9
+    x = images(*shape, seed=6)
+    grp = torch.randint(0, G, (shape[0],), generator=gen(2))  # unsorted, several rows per group
+    d = dsa.draw(G, gen(13), shape[-2:])
+    d.op = torch.arange(G) % len(dsa.ops)  # every op present
+    out = dsa.apply(x, d, grp)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    for i in range(shape[0]):
+        di = d.index(grp[i:i + 1])
+        name = dsa.ops[int(di.op)]
+        di.op = torch.zeros_like(di.op)
+        assert torch.equal(out[i:i + 1], DSA(name).apply(x[i:i + 1], di, torch.tensor([0]))), (i, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(4))
+def test_mode_s_equals_dense_formulation(dtype, seed):
+    dsa = DSA()
+    G, n = 7, 50
+    x = images(n, 3, 12, 11, seed=seed, dtype=dtype)
+    grp = torch.randint(0, G, (n,), generator=gen(seed + 50))
+    d = dsa.draw(G, gen(seed), (12, 11))
+    assert torch.equal(dsa.apply(x, d, grp), _dense_mode_s(dsa, x, d, grp))
+    # per_sample (one op for the call, then several op groups) takes the same path
+    for og in (None, torch.arange(n) % 5):
+        dp_groups = torch.zeros(n, dtype=torch.long) if og is None else og
+        dp = dsa.draw(n, gen(seed), (12, 11), op_groups=dp_groups)
+        ref = _dense_mode_s(dsa, x, dp, torch.arange(n))
+        assert torch.equal(dsa.per_sample(x, gen(seed), og), ref)
+
+
+def test_mode_s_gradients_mixed_ops():
+    dsa = DSA()
+    d = dsa.draw(6, gen(3), (5, 6))
+    d.op = torch.tensor([0, 1, 2, 3, 4, 5])
+    d.flip[:] = True
+    grp = torch.tensor([5, 0, 3, 1, 1, 4, 2, 5, 0])
+    x = images(9, 2, 5, 6, dtype=torch.float64).requires_grad_(True)
+    f = lambda t: dsa.apply(t, d, grp)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+    w = images(9, 2, 5, 6, seed=1, dtype=torch.float64)
+    (g_new,) = torch.autograd.grad((f(x) * w).sum(), x)
+    (g_ref,) = torch.autograd.grad((_dense_mode_s(dsa, x, d, grp) * w).sum(), x)
+    assert torch.equal(g_new, g_ref)
+
+
+def test_mode_s_single_op_batch_and_empty_batch():
+    dsa = DSA()
+    x = images(6, 3, 8, 8)
+    for k in range(len(dsa.ops)):
+        d = dsa.draw(3, gen(k), (8, 8))
+        d.op = torch.full((3,), k)
+        grp = torch.tensor([2, 0, 1, 1, 0, 2])
+        assert torch.equal(dsa.apply(x, d, grp), _dense_mode_s(dsa, x, d, grp)), dsa.ops[k]
+    e = dsa.apply(x[:0], dsa.draw(3, gen(), (8, 8)), torch.zeros(0, dtype=torch.long))
+    assert e.shape == (0, 3, 8, 8) and e.dtype == x.dtype
+
+
+def test_mode_s_dense_path_under_compile_matches(monkeypatch):
+    """Under torch.compile mode 'S' falls back to the dense formulation (no data-dependent shapes)."""
+    dsa = DSA()
+    x = images(20, 3, 8, 8)
+    grp = torch.arange(20) % 6
+    d = dsa.draw(6, gen(8), (8, 8))
+    eager = dsa.apply(x, d, grp)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(DSA, "_apply_chosen", None)  # the sorted path must not be taken
+    assert torch.equal(dsa.apply(x, d, grp), eager)
