@@ -1,0 +1,345 @@
+"""Shared helpers for fastdd's op benchmarks (``benchmarks/<op>.py``).
+
+Stable API (other benchmark scripts import it):
+
+* :func:`environment` (device) -> dict with ``device``, ``date``, ``torch``, ``triton``, ``commit``.
+* :func:`fastdd_backends` (op, device) -> the fastdd backends that can run ``op`` there.
+* :func:`make_call` (fn, inputs, mode) -> a zero-argument callable for ``mode`` in :data:`MODES`.
+* :func:`time_call` (call, device, *, quick) -> :class:`Timing` (median / p20 / p80 in ms, runs).
+* :func:`cpu_time_ms` (call) -> median CPU time of the calling thread (CPU, preemption-free).
+* :func:`peak_memory` (call, device) -> (bytes, what): how much memory one call needed above the
+  memory in use before it, and a string saying what was measured (see below).
+* :func:`copy_bandwidth` (device) -> measured copy bandwidth in GB/s (a large tensor copied into a
+  preallocated one, i.e. ``clone()`` without the page faults of a fresh allocation; read + write bytes
+  counted), cached per device.
+* :func:`measure` (...) -> one result row (dict with :data:`COLUMNS`) combining all of the above.
+* :func:`append_rows` (csv_path, rows) and :func:`write_markdown` (csv_path, md_path, title).
+
+Timing: on CUDA ``triton.testing.do_bench`` (median and 20/80 % quantiles, warm-up included; gradients
+are returned, never accumulated); on CPU ``torch.utils.benchmark.Timer.blocked_autorange`` with all of
+torch's intra-op threads, the quantiles taken over its timing blocks.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus the
+memory allocated before the call (exact for the caching allocator). On CPU there is no allocator
+counter, so we report the rise of the process's resident-set high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) after ``malloc_trim``; this is a *lower bound* (pages that stay resident from
+earlier calls are reused without raising it) and is labelled ``rss-hwm-delta`` in the results.
+
+Bandwidth: ``GB/s = bytes / median time`` from an explicit byte count supplied by the benchmark (it
+documents its count), and ``bw_fraction = GB/s / copy_bandwidth(device)``.
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import datetime as _dt
+import functools
+import gc
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # run as `python benchmarks/<op>.py` from a source tree
+    sys.path.insert(0, _ROOT)
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+COLUMNS = (
+    "op", "provider", "mode", "size", "dtype", "median_ms", "p20_ms", "p80_ms", "runs",
+    "bytes", "gbps", "bw_fraction", "copy_gbps", "peak_mem_mb", "mem_kind",
+    "device", "date", "torch", "triton", "commit", "notes",
+)
+
+
+# ----------------------------------------------------------------------------------------- environment
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            match = re.search(r"model name\s*:\s*(.+)", fh.read())
+        if match:
+            name = match.group(1).strip()
+    except OSError:
+        pass
+    return f"CPU {name} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    """Short hash of HEAD (`git rev-parse --short HEAD`), or 'uncommitted' when there is no commit."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0 or not head.stdout.strip():
+            return "uncommitted"
+        return head.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "uncommitted"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return "none"
+
+
+@functools.lru_cache(maxsize=None)
+def _environment(device_type: str, index: int) -> tuple:
+    device = torch.device(device_type, index) if device_type == "cuda" else torch.device("cpu")
+    return (
+        ("device", device_name(device)),
+        ("date", _dt.datetime.now().strftime("%Y-%m-%d %H:%M")),
+        ("torch", torch.__version__),
+        ("triton", triton_version()),
+        ("commit", git_commit()),
+    )
+
+
+def environment(device) -> Dict[str, str]:
+    device = torch.device(device)
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    return dict(_environment(device.type, index))
+
+
+def fastdd_backends(op: str, device) -> List[str]:
+    """fastdd backends able to run ``op`` on ``device`` (triton on CPU only under TRITON_INTERPRET=1)."""
+    from fastdd.ops._backend import BACKENDS, backend_available
+
+    device_type = torch.device(device).type
+    return [b for b in BACKENDS if backend_available(b, device_type, op)]
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------- the calls
+def make_call(fn: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], mode: str) -> Callable[[], object]:
+    """A zero-argument callable measuring ``mode`` of ``fn``.
+
+    ``fn()`` returns a tensor computed from ``inputs`` (the tensors that get gradients).
+    fwd: ``fn()`` under ``no_grad`` only when no input requires grad, otherwise with autograd recording
+    (what a training step pays); bwd: ``torch.autograd.grad`` of one saved forward (graph retained);
+    fwd+bwd: both.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    inputs = list(inputs)
+    if mode == "fwd":
+        return fn
+    if mode == "fwd+bwd":
+        def fwd_bwd():
+            out = fn()
+            return torch.autograd.grad(out, inputs, torch.ones_like(out))
+        return fwd_bwd
+    out = fn()
+    grad = torch.ones_like(out)
+
+    def bwd():
+        return torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    return bwd
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+
+
+def time_call(call: Callable[[], object], device, *, quick: bool = False,
+              min_run_time: Optional[float] = None) -> Timing:
+    device = torch.device(device)
+    if device.type == "cuda":
+        import triton.testing
+
+        rep = 25 if quick else 100
+        med, p20, p80 = triton.testing.do_bench(call, warmup=10 if quick else 25, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        # do_bench picks its own repeat count from rep (ms) and the estimated time of one call
+        return Timing(float(med), float(p20), float(p80), -1)
+    from torch.utils import benchmark
+
+    call()  # warm-up (first-call allocations, lazy init, compilation)
+    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    budget = min_run_time if min_run_time is not None else (0.2 if quick else 1.0)
+    m = timer.blocked_autorange(min_run_time=budget)
+    times = sorted(m.times)
+
+    def q(p):
+        return times[min(len(times) - 1, int(round(p * (len(times) - 1))))]
+
+    return Timing(m.median * 1e3, q(0.2) * 1e3, q(0.8) * 1e3, len(times) * m.number_per_run)
+
+
+def cpu_time_ms(call: Callable[[], object], runs: int = 20) -> float:
+    """Median CPU time (ms) of the calling thread over ``runs`` calls: unaffected by preemption, so on a
+    shared machine it is the better estimate of a *single-threaded* call's wall time (with more torch
+    threads it misses the workers' time and counts spin-waiting)."""
+    import time
+
+    call()
+    samples = []
+    for _ in range(runs):
+        t0 = time.thread_time()
+        call()
+        samples.append(time.thread_time() - t0)
+    samples.sort()
+    return samples[len(samples) // 2] * 1e3
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_kib() -> Dict[str, int]:
+    with open("/proc/self/status") as fh:
+        text = fh.read()
+    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) for k in ("VmRSS", "VmHWM")}
+
+
+def peak_memory(call: Callable[[], object], device) -> tuple:
+    """(bytes, kind): extra memory one ``call()`` needed at its peak; see the module docstring."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = call()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del result
+        return peak, "cuda-max-allocated"
+    try:
+        gc.collect()
+        _malloc_trim()
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = _rss_kib()["VmRSS"]
+        result = call()
+        peak = (_rss_kib()["VmHWM"] - before) * 1024
+        del result
+        return max(peak, 0), "rss-hwm-delta"
+    except OSError:
+        return float("nan"), "unavailable"
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_bandwidth(device_str: str) -> float:
+    device = torch.device(device_str)
+    nbytes = (512 if device.type == "cuda" else 64) * 2**20
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    y = torch.empty_like(x)
+    t = time_call(lambda: y.copy_(x), device, quick=True)
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9  # read + write
+
+
+def copy_bandwidth(device) -> float:
+    """GB/s of a large copy (``clone()`` into a preallocated tensor) on ``device`` (read + write bytes),
+    measured once per process."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _copy_bandwidth(str(device))
+
+
+def measure(
+    *, op: str, provider: str, mode: str, size: str, dtype, fn: Callable[[], torch.Tensor],
+    inputs: Sequence[torch.Tensor], device, nbytes: Optional[int] = None, quick: bool = False,
+    min_run_time: Optional[float] = None, notes: str = "",
+) -> Dict[str, object]:
+    """Time ``mode`` of ``fn`` and its peak memory; return one row with :data:`COLUMNS`."""
+    call = make_call(fn, inputs, mode)
+    timing = time_call(call, device, quick=quick, min_run_time=min_run_time)
+    mem, kind = peak_memory(call, device)
+    copy_gbps = copy_bandwidth(device)
+    gbps = nbytes / (timing.median_ms * 1e-3) / 1e9 if nbytes else float("nan")
+    row = {
+        "op": op, "provider": provider, "mode": mode, "size": size,
+        "dtype": str(dtype).replace("torch.", ""),
+        "median_ms": round(timing.median_ms, 4), "p20_ms": round(timing.p20_ms, 4),
+        "p80_ms": round(timing.p80_ms, 4), "runs": timing.runs,
+        "bytes": nbytes if nbytes else "", "gbps": round(gbps, 2),
+        "bw_fraction": round(gbps / copy_gbps, 3) if nbytes else "", "copy_gbps": round(copy_gbps, 2),
+        "peak_mem_mb": round(mem / 2**20, 2) if mem == mem else "", "mem_kind": kind, "notes": notes,
+    }
+    row.update(environment(device))
+    return row
+
+
+# --------------------------------------------------------------------------------------------- results
+def append_rows(csv_path: str, rows: Iterable[Dict[str, object]]) -> None:
+    """Append ``rows`` to ``csv_path`` (header written when the file is new)."""
+    rows = list(rows)
+    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+    new = not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0
+    with open(csv_path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+
+
+def read_rows(csv_path: str) -> List[Dict[str, str]]:
+    if not os.path.exists(csv_path):
+        return []
+    with open(csv_path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_markdown(csv_path: str, md_path: str, title: str, *, baseline: str = "torch-eager") -> None:
+    """Regenerate ``md_path`` from the CSV: the latest row of each (device, op, size, dtype, mode,
+    provider), grouped by device, with the speed-up over ``baseline`` in the same group."""
+    rows = read_rows(csv_path)
+    latest: Dict[tuple, Dict[str, str]] = {}
+    for row in rows:
+        key = (row["device"], row["op"], row["size"], row["dtype"], row["mode"], row["provider"])
+        latest.pop(key, None)
+        latest[key] = row  # keep the last one, in CSV order
+    lines = [f"# {title}", "", f"Generated from `{os.path.basename(csv_path)}` (all runs are kept there; "
+             "this table shows the latest row per configuration).", ""]
+    by_device: Dict[str, List[Dict[str, str]]] = {}
+    for row in latest.values():
+        by_device.setdefault(row["device"], []).append(row)
+    for device, drows in by_device.items():
+        newest = max(drows, key=lambda r: r["date"])
+        lines += [f"## {device}", "",
+                  f"latest run: {newest['date']}, torch {newest['torch']}, triton {newest['triton']}, "
+                  f"commit {newest['commit']}; copy bandwidth {newest['copy_gbps']} GB/s; "
+                  f"memory: {newest['mem_kind']}", ""]
+        lines.append("| op | size | dtype | mode | provider | median ms | p20-p80 ms | GB/s | of copy bw "
+                     f"| speed-up vs {baseline} | peak MiB | date | commit | notes |")
+        lines.append("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|")
+        base = {(r["op"], r["size"], r["dtype"], r["mode"]): float(r["median_ms"])
+                for r in drows if r["provider"] == baseline}
+        for r in sorted(drows, key=lambda r: (r["op"], r["size"], r["dtype"], MODES.index(r["mode"])
+                                                  if r["mode"] in MODES else 9, r["provider"])):
+            b = base.get((r["op"], r["size"], r["dtype"], r["mode"]))
+            speed = f"{b / float(r['median_ms']):.2f}x" if b else ""
+            lines.append(
+                f"| {r['op']} | {r['size']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['median_ms']} "
+                f"| {r['p20_ms']}-{r['p80_ms']} | {r['gbps']} | {r['bw_fraction']} | {speed} "
+                f"| {r['peak_mem_mb']} | {r['date']} | {r['commit']} | {r.get('notes') or ''} |"
+            )
+        lines.append("")
+    os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
+    with open(md_path, "w") as fh:
+        fh.write("\n".join(lines))
