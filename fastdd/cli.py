@@ -1,0 +1,199 @@
+"""The ``fastdd`` command line: ``distill``, ``evaluate``, ``show``.
+
+Method options are generated from the chosen method's config dataclass, so a registered method gets
+its flags without touching this file (``batch_real`` -> ``--batch-real``; booleans get ``--x/--no-x``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_cls, skip=()) -> None:
+    group = parser.add_argument_group(f"{config_cls.__name__} options")
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        default = f.default
+        kind = type(default)
+        if kind is bool:
+            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"(default: {default})")
+        else:
+            group.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, help=f"(default: {default!r})")
+
+
+def _config_from_args(config_cls, args: argparse.Namespace):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+              if getattr(args, f.name, None) is not None}
+    return config_cls(**values)
+
+
+# --------------------------------------------------------------------------------------------- distill
+def _distill_parser(method_name: str) -> argparse.ArgumentParser:
+    from . import methods
+
+    cls = methods.get(method_name)
+    p = argparse.ArgumentParser(prog="fastdd distill", description=f"Distil a dataset with {method_name}.")
+    p.add_argument("--method", default="dm", help=f"one of {methods.names()}")
+    p.add_argument("--dataset", required=True, help="dataset name (see `fastdd show datasets`)")
+    p.add_argument("--data-path", default=None, help="directory holding the dataset (else FASTDD_DATA, "
+                   "~/.cache/fastdd, /usr/share/datasets are searched)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--device", default=_default_device(), help="cpu or cuda (default: cuda where available)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every K iterations (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    _add_config_options(p, cls.config_cls)
+    return p
+
+
+def cmd_distill(argv: List[str]) -> int:
+    from . import __version__, methods
+    from .checkpoint import load as load_checkpoint, save_atomic
+    from .data import load_dataset
+    from .synset import ensure_writable, save_synset
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="dm")
+    known, _ = pre.parse_known_args(argv)
+    args = _distill_parser(known.method).parse_args(argv)
+    cls = methods.get(args.method)
+    config = _config_from_args(cls.config_cls, args)
+    out = ensure_writable(args.out, force=args.force, resume=args.resume)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    if args.force and not args.resume and ckpt_path.exists():
+        ckpt_path.unlink()
+
+    train = load_dataset(args.dataset, "train", root=args.data_path)
+    method = cls(config, train, device=args.device)
+    if args.resume:
+        if ckpt_path.exists():
+            method.load_state_dict(load_checkpoint(ckpt_path))
+            print(f"resumed {ckpt_path} at iteration {method.iteration}", file=sys.stderr)
+        else:
+            print(f"--resume: no checkpoint in {out}, starting from scratch", file=sys.stderr)
+    start = time.perf_counter()
+    method.fit(checkpoint=lambda m: save_atomic(m.state_dict(), ckpt_path), checkpoint_every=args.checkpoint_every,
+               progress=not args.no_progress, log_every=max(1, config.iterations // 20))
+    metadata = {
+        "fastdd_version": __version__, "torch_version": str(torch.__version__), "method": cls.name,
+        "dataset": train.name, "num_classes": train.num_classes, "class_names": list(train.class_names),
+        "channels": train.channels, "image_size": list(train.image_size), "mean": list(train.mean),
+        "std": list(train.std), "iterations_done": method.iteration, "device": str(method.device),
+        "seconds_this_session": time.perf_counter() - start, "final_loss": method.last_loss,
+        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = save_synset(out, method.synthetic_set(), config.to_dict(), metadata)
+    print(f"wrote {path} ({method.images.shape[0]} images, {method.iteration} iterations, "
+          f"final loss/class {method.last_loss / train.num_classes:.5f})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(argv: List[str]) -> int:
+    from .data import load_dataset
+    from .evaluate import EvalConfig, evaluate_synset
+    from .synset import load_synset
+
+    p = argparse.ArgumentParser(prog="fastdd evaluate", description="Evaluate a distilled set (DM protocol) "
+                                "against a same-size random real subset.")
+    p.add_argument("dir", help="directory written by `fastdd distill`")
+    p.add_argument("--models", type=int, default=5, help="models trained per side (default 5)")
+    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="evaluation network (default: the distillation network)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--no-baseline", action="store_true", help="skip the random-subset baseline")
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--device", default=_default_device())
+    args = p.parse_args(argv)
+
+    syn = load_synset(args.dir)
+    meta, config = syn["metadata"], syn["config"]
+    train = load_dataset(meta["dataset"], "train", root=args.data_path)
+    test = load_dataset(meta["dataset"], "test", root=args.data_path)
+    cfg = EvalConfig(model=args.model or config.get("model", "ConvNet"), num_models=args.models,
+                     epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr, dsa=args.dsa,
+                     dsa_strategy=config.get("dsa_strategy", ""))
+    result = evaluate_synset(syn["images"], syn["labels"], train, test, cfg, device=args.device,
+                             baseline_indices=syn.get("init_indices"), with_baseline=not args.no_baseline)
+    report = result.to_dict()
+    report["baseline"] = "initial real subset" if syn.get("init_indices") is not None else "random real subset"
+    report["dataset"], report["ipc"] = meta["dataset"], config.get("ipc")
+    Path(args.dir, "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{meta['dataset']} IPC {config.get('ipc')} ({meta['method']}): {result.summary()}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- show
+def cmd_show(argv: List[str]) -> int:
+    from . import methods
+    from .data import dataset_names
+    from .models import model_names
+
+    p = argparse.ArgumentParser(prog="fastdd show", description="List methods/datasets/models, or describe a run.")
+    p.add_argument("what", help="methods | datasets | models | backends | DIR")
+    args = p.parse_args(argv)
+    if args.what == "methods":
+        print("\n".join(methods.names()))
+    elif args.what == "datasets":
+        print("\n".join(dataset_names()))
+    elif args.what == "models":
+        print("\n".join(model_names()))
+    elif args.what == "backends":
+        from .ops._backend import BACKENDS, backend_available
+
+        for dev in ("cpu", "cuda"):
+            print(dev + ": " + ", ".join(b for b in BACKENDS if backend_available(b, dev, "class_mmd")))
+    else:
+        from .synset import load_synset
+
+        syn = load_synset(args.what)
+        print(json.dumps({"images": list(syn["images"].shape), "config": syn["config"],
+                          "metadata": syn["metadata"]}, indent=2))
+        ev = Path(args.what, "eval.json")
+        if ev.exists():
+            print(ev.read_text())
+    return 0
+
+
+COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: fastdd {distill,evaluate,show} [options]   (fastdd COMMAND --help for details)",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
+        print(f"fastdd {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Evaluation protocols: train fresh networks on a (synthetic) set, report test accuracy.
+
+DM protocol (spec ``dm_dance.md`` §1.8): ConvNet trained from scratch with SGD (lr 0.01, momentum 0.9,
+weight decay 5e-4), batch 256, per-sample DSA on every mini-batch, the learning rate ×0.1 at half the
+epochs (optimizer re-created, momentum reset), test accuracy of the last epoch; mean ± std over models.
+
+``faithful_epochs=True`` (default) reproduces the reference loop exactly: it runs ``epochs + 1`` passes
+and decays after pass ``epochs // 2 + 1`` (so 1000 epochs = 502 passes at 0.01 and 499 at 0.001).
+``False`` runs ``epochs`` passes and decays after ``epochs // 2``.
+
+Speed: M models are trained at once. Mini-batches, augmentation and the optimiser step are batched
+over models (one augmentation call, one SGD step over all models' parameters). On CUDA the weights are
+also stacked (``torch.func.stack_module_state``) and one ``torch.vmap``-ed forward runs every model on
+its own mini-batch (each model has its own shuffling, augmentation parameters and initialisation); SGD
+is element-wise, so the stacked update equals M separate updates. On the CPU (where oneDNN's grouped
+convolution backward is slow) and for BatchNorm networks the forward loops over the models instead,
+with the same arithmetic (``EvalConfig.vectorise`` overrides the choice).
+
+The random baseline trains the same number of models, with the same initialisations (model i of the
+baseline starts from the weights of model i of the synthetic run), on a same-size random real subset:
+for sets initialised from real images exactly that initial subset, so the comparison is paired.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state
+
+from .augment import DSA, dsa_strategy_for
+from .data import ClassSampler, ImageDataset
+from .models import get_model
+from .validation import check_labels, check_positive_int, check_tensor
+
+
+@dataclass
+class EvalConfig:
+    """DM evaluation protocol options (reference defaults)."""
+
+    model: str = "ConvNet"
+    num_models: int = 5
+    epochs: int = 1000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    dsa: bool = True
+    dsa_strategy: str = ""  # "" -> dataset default
+    seed: int = 0
+    test_batch_size: int = 1000
+    faithful_epochs: bool = True
+    vectorise: Optional[bool] = None  # None: vmap over stacked models on CUDA, a loop over models on CPU
+
+    def validate(self) -> None:
+        check_positive_int("num_models", self.num_models)
+        check_positive_int("epochs", self.epochs)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_int("test_batch_size", self.test_batch_size)
+
+
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+class StackedModels:
+    """M networks of one architecture evaluated as one: ``forward(x [M, B, C, H, W]) -> [M, B, K]``."""
+
+    def __init__(self, models: Sequence[torch.nn.Module], vectorise: Optional[bool] = None):
+        self.models = list(models)
+        if vectorise is None:  # grouped convolutions are fast on GPUs, slow in oneDNN's CPU backward
+            vectorise = next(self.models[0].parameters()).device.type == "cuda"
+        self.vectorised = vectorise and not _has_batchnorm(self.models[0])
+        if self.vectorised:
+            self.params, self.buffers = stack_module_state(self.models)
+            self.base = copy.deepcopy(self.models[0]).to("meta")
+
+            def call(p, b, x):
+                return functional_call(self.base, (p, b), (x,))
+
+            self._train_fn = torch.vmap(call, in_dims=(0, 0, 0))
+            self._shared_fn = torch.vmap(call, in_dims=(0, 0, None))
+
+    def parameters(self) -> List[torch.Tensor]:
+        if self.vectorised:
+            return list(self.params.values())
+        return [p for m in self.models for p in m.parameters()]
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.models:
+            m.train(mode)
+        if self.vectorised:
+            self.base.train(mode)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-model inputs x [M, B, ...] -> logits [M, B, K]."""
+        if self.vectorised:
+            return self._train_fn(self.params, self.buffers, x)
+        return torch.stack([m(xi) for m, xi in zip(self.models, x)])
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """One input batch x [B, ...] for every model -> logits [M, B, K]."""
+        if self.vectorised:
+            return self._shared_fn(self.params, self.buffers, x)
+        return torch.stack([m(x) for m in self.models])
+
+
+def epoch_learning_rates(cfg: EvalConfig) -> List[float]:
+    """Learning rate of every training pass (see the module docstring for the two schedules)."""
+    if cfg.faithful_epochs:
+        passes, decayed_from = cfg.epochs + 1, cfg.epochs // 2 + 2
+    else:
+        passes, decayed_from = cfg.epochs, cfg.epochs // 2
+    return [cfg.lr if e < decayed_from else cfg.lr * 0.1 for e in range(passes)]
+
+
+def train_stacked(
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    cfg: EvalConfig,
+    *,
+    dataset_name: str = "",
+    model_seeds: Sequence[int],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Train M = len(model_seeds) fresh models, model m on ``train_images[m]``; return test accuracies [M].
+
+    train_images [M, N, C, H, W] (may be an expanded view of one set), train_labels [M, N],
+    test_images [T, C, H, W], test_labels [T]. Accuracies are fractions in [0, 1].
+    """
+    device = train_images.device
+    m_models, n = train_images.shape[:2]
+    channels, h, w = train_images.shape[2:]
+    models = []
+    for seed in model_seeds:
+        g = torch.Generator(device=device).manual_seed(int(seed))
+        models.append(get_model(cfg.model, channels, num_classes, (h, w), generator=g).to(device))
+    net = StackedModels(models, cfg.vectorise)
+    dsa = DSA(cfg.dsa_strategy or dsa_strategy_for(dataset_name)) if cfg.dsa else None
+
+    schedule = epoch_learning_rates(cfg)
+
+    def make_optimizer(lr_now):
+        return torch.optim.SGD(net.parameters(), lr=lr_now, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    optimizer = make_optimizer(schedule[0])
+    rows = torch.arange(m_models, device=device).unsqueeze(1)  # [M, 1]
+    model_of_sample = None
+    net.train(True)
+    for epoch, lr in enumerate(schedule):
+        if epoch and lr != schedule[epoch - 1]:
+            optimizer = make_optimizer(lr)  # the reference re-creates SGD: momentum is reset
+        keys = torch.rand(m_models, n, generator=generator, device=generator.device).to(device)
+        order = keys.argsort(dim=1)  # an independent shuffle per model
+        for start in range(0, n, cfg.batch_size):
+            idx = order[:, start:start + cfg.batch_size]  # [M, b]
+            x = train_images[rows, idx]  # [M, b, C, H, W]
+            y = train_labels[rows, idx]  # [M, b]
+            b = idx.shape[1]
+            if dsa is not None:
+                if model_of_sample is None or model_of_sample.numel() != m_models * b:
+                    model_of_sample = rows.expand(m_models, b).reshape(-1)
+                flat = dsa.per_sample(x.reshape(m_models * b, channels, h, w), generator, op_groups=model_of_sample)
+                x = flat.view(m_models, b, channels, h, w)
+            logits = net(x)  # [M, b, K]
+            # sum over models of each model's mean loss: independent gradients per model
+            loss = F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1), reduction="sum") / b
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size)
+
+
+@torch.no_grad()
+def accuracy_stacked(net: StackedModels, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Test accuracy [M] of every stacked model on images [T, C, H, W] with labels [T]."""
+    net.train(False)
+    correct = None
+    for start in range(0, images.shape[0], batch_size):
+        logits = net.shared(images[start:start + batch_size])
+        hits = (logits.argmax(-1) == labels[start:start + batch_size]).sum(-1)
+        correct = hits if correct is None else correct + hits
+    return correct.double() / images.shape[0]
+
+
+@dataclass
+class EvalResult:
+    """Accuracies in percent: the synthetic set's models and the random-subset baseline's."""
+
+    accuracies: List[float]
+    baseline_accuracies: List[float]
+    seconds: float
+    config: dict
+
+    @staticmethod
+    def _mean_std(values):
+        t = torch.tensor(values, dtype=torch.float64)
+        return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
+
+    def to_dict(self) -> dict:
+        mean, std = self._mean_std(self.accuracies)
+        bmean, bstd = self._mean_std(self.baseline_accuracies)
+        return {
+            "accuracy_mean": mean,
+            "accuracy_std": std,
+            "random_baseline_mean": bmean,
+            "random_baseline_std": bstd,
+            "accuracies": self.accuracies,
+            "random_baseline_accuracies": self.baseline_accuracies,
+            "seconds": self.seconds,
+            "config": self.config,
+        }
+
+    def summary(self) -> str:
+        d = self.to_dict()
+        return (f"synthetic set: {d['accuracy_mean']:.2f} ± {d['accuracy_std']:.2f} %   "
+                f"random real subset of the same size: {d['random_baseline_mean']:.2f} ± "
+                f"{d['random_baseline_std']:.2f} %   ({len(self.accuracies)} models each, {self.seconds:.0f} s)")
+
+
+def evaluate_synset(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    train_set: ImageDataset,
+    test_set: ImageDataset,
+    cfg: EvalConfig,
+    *,
+    baseline_indices: Optional[torch.Tensor] = None,
+    device: torch.device | str = "cpu",
+    with_baseline: bool = True,
+) -> EvalResult:
+    """Evaluate a synthetic set (images [N, C, H, W], labels [N]) against a same-size random real subset.
+
+    ``baseline_indices`` [N] (training-set indices) fixes the baseline subset, e.g. the real images the
+    set was initialised from; otherwise a class-balanced random subset with the same per-class counts is
+    drawn from the evaluation generator. Both sides train ``cfg.num_models`` models with the same
+    initialisations, all 2M at once.
+    """
+    cfg.validate()
+    device = torch.device(device)
+    k = test_set.num_classes
+    check_tensor("images", images, ndim=4, finite=True, nonempty=True)
+    check_labels("labels", labels, k, length=images.shape[0])
+    if tuple(images.shape[1:]) != tuple(test_set.images.shape[1:]):
+        raise ValueError(f"images: shape {tuple(images.shape[1:])} per image does not match the dataset's "
+                         f"{tuple(test_set.images.shape[1:])}")
+    start = time.perf_counter()
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    images = images.to(device, torch.float32)
+    labels = labels.to(device, torch.long)
+    m = cfg.num_models
+    model_seeds = [cfg.seed * 1_000_003 + i for i in range(m)]
+    sets_x, sets_y = [images.unsqueeze(0).expand(m, *images.shape)], [labels.unsqueeze(0).expand(m, -1)]
+    seeds = list(model_seeds)
+    if with_baseline:
+        train = train_set.to(device)
+        if baseline_indices is None:
+            counts = torch.bincount(labels, minlength=k)
+            if int(counts.min()) != int(counts.max()):
+                raise ValueError("labels: the random baseline needs the same number of images per class "
+                                 "(pass baseline_indices)")
+            sampler = ClassSampler(train.images, train.labels, k)
+            baseline_indices = sampler.sample_indices(int(counts[0]), generator).reshape(-1)
+        baseline_indices = baseline_indices.to(device)
+        bx, by = train.images[baseline_indices], train.labels[baseline_indices]
+        sets_x.append(bx.unsqueeze(0).expand(m, *bx.shape))
+        sets_y.append(by.unsqueeze(0).expand(m, -1))
+        seeds += model_seeds  # paired initialisations
+    if with_baseline and bx.shape[0] != images.shape[0]:
+        # different sizes cannot share one stacked mini-batch schedule: train them separately
+        parts = [(sx, sy, model_seeds) for sx, sy in zip(sets_x, sets_y)]
+    else:
+        parts = [(torch.cat(sets_x), torch.cat(sets_y), seeds)]
+    test_x, test_y = test_set.images.to(device), test_set.labels.to(device)
+    accs = torch.cat([
+        train_stacked(x, y, test_x, test_y, k, cfg, dataset_name=test_set.name, model_seeds=s, generator=generator)
+        for x, y, s in parts
+    ])
+    accs = (accs * 100).tolist()
+    return EvalResult(accuracies=accs[:m], baseline_accuracies=accs[m:], seconds=time.perf_counter() - start,
+                      config=asdict(cfg))

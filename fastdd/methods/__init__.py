@@ -1,0 +1,6 @@
+"""Distillation methods, looked up by name through a registry (see :mod:`fastdd.methods.registry`)."""
+from .registry import get, names, register
+from .base import Method, MethodConfig
+from . import dm  # noqa: F401  (registers "dm")
+
+__all__ = ["get", "names", "register", "Method", "MethodConfig"]

@@ -1,0 +1,107 @@
+"""The saved synthetic-set format.
+
+``DIR/synthetic.pt``          plain ``torch.save`` dict, loadable without fastdd
+                              (``torch.load(p, weights_only=True)``):
+                              ``images`` float32 [N, C, H, W] (normalised space), ``labels`` int64 [N],
+                              optional ``init_indices`` int64 [N] (training-set indices of a real init),
+                              ``config`` (dict), ``metadata`` (dict: dataset, mean, std, method, ...).
+``DIR/synthetic.safetensors`` the same tensors, with config/metadata as JSON strings in the header.
+``DIR/synthetic.png``         a grid, one row per class, de-normalised to pixels.
+``DIR/config.json``           the run's configuration and metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write
+
+SYNSET_FILE = "synthetic.pt"
+SAFETENSORS_FILE = "synthetic.safetensors"
+GRID_FILE = "synthetic.png"
+CONFIG_FILE = "config.json"
+
+
+def save_synset(out_dir: str | os.PathLike, tensors: dict, config: dict, metadata: dict) -> Path:
+    """Write the synthetic set (see module docstring) into ``out_dir``; returns the ``.pt`` path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    payload = dict(tensors, config=dict(config), metadata=dict(metadata))
+    path = atomic_write(out / SYNSET_FILE, lambda tmp: torch.save(payload, tmp))
+
+    from safetensors.torch import save_file
+
+    header = {"config": json.dumps(config), "metadata": json.dumps(metadata)}
+    atomic_write(out / SAFETENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(
+        json.dumps({"config": config, "metadata": metadata}, indent=2) + "\n"))
+    mean, std = metadata.get("mean"), metadata.get("std")
+    if mean is not None and std is not None:
+        grid = image_grid(tensors["images"], tensors["labels"], mean, std)
+        atomic_write(out / GRID_FILE, lambda tmp: grid.save(tmp, format="PNG"))
+    return path
+
+
+def load_synset(path: str | os.PathLike) -> dict:
+    """Load ``synthetic.pt`` (a directory or the file) as the plain dict described above."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SYNSET_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"synthetic set: {path} does not exist (run `fastdd distill` first)")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("images", "labels", "config", "metadata"):
+        if key not in data:
+            raise ValueError(f"synthetic set: {path} lacks the entry {key!r}; not a fastdd synthetic set")
+    return data
+
+
+def image_grid(images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+               max_per_class: int = 10, pad: int = 2, min_cell: int = 32):
+    """A PIL image with one row per class (up to ``max_per_class`` images each), de-normalised.
+
+    images [N, C, H, W] in normalised space, labels [N]. Small images are upscaled (nearest) to at least
+    ``min_cell`` pixels so the grid is legible.
+    """
+    from PIL import Image
+
+    images = images.detach().float().cpu()
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    pixels = (images * std_t + mean_t).clamp(0, 1)
+    classes = sorted(set(labels.tolist()))
+    per_row = max(1, min(max_per_class, max(int((labels == c).sum()) for c in classes)))
+    _, channels, h, w = pixels.shape
+    scale = max(1, -(-min_cell // max(h, w)))
+    ch, cw = h * scale, w * scale
+    canvas = np.ones((len(classes) * (ch + pad) + pad, per_row * (cw + pad) + pad, 3), dtype=np.uint8) * 255
+    for row, c in enumerate(classes):
+        members = pixels[labels == c][:per_row]
+        for col, img in enumerate(members):
+            arr = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+            arr = (arr * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            if channels == 1:
+                arr = np.repeat(arr, 3, axis=2)
+            y, x = pad + row * (ch + pad), pad + col * (cw + pad)
+            canvas[y:y + ch, x:x + cw] = arr[:, :, :3]
+    return Image.fromarray(canvas)
+
+
+def ensure_writable(out_dir: str | os.PathLike, force: bool, resume: bool = False) -> Path:
+    """Refuse to overwrite an existing run in ``out_dir`` unless ``force`` (or ``resume``) is given."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out: {out} exists and is not a directory")
+    existing = [n for n in (SYNSET_FILE, "checkpoint.pt", CONFIG_FILE) if (out / n).exists()]
+    if existing and not (force or resume):
+        raise FileExistsError(
+            f"--out: {out} already holds a run ({', '.join(existing)}); pass --force to overwrite it "
+            f"or --resume to continue it"
+        )
+    return out
