@@ -55,6 +55,7 @@ def _extensions():
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    headers = sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True))
     cuda_switch = _switch("FASTDD_BUILD_CUDA")
     have_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if cuda_switch == "1" and not have_cuda:
@@ -72,6 +73,7 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=openmp,
             define_macros=define_macros,
+            depends=headers,
         )
     else:
         ext = cpp_extension.CppExtension(
@@ -80,6 +82,7 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=openmp,
             define_macros=define_macros,
+            depends=headers,
         )
     if not cpp_sources:
         return [], {}

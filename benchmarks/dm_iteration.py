@@ -5,7 +5,8 @@ ConvNet-3, draw one DSA transform per class, embed real (no grad) and synthetic 
 classes of squared mean-embedding distances, backward to the synthetic pixels, one SGD step — and differ
 only in how the loss is formed:
 
-* ``batched``    all classes in one forward per side, per-class means by a segmented reduction
+* ``batched``    all classes in one forward per side (on a CPU the no-grad real side in class-agnostic
+                 chunks of 512 rows), per-class means by a segmented reduction
                  (``fastdd.methods.dm``: what ``fastdd distill --method dm`` runs);
 * ``per-class``  the reference formulation: a Python loop over classes, one forward per class and side.
 
@@ -30,7 +31,7 @@ from _harness import environment, read_rows, sync  # noqa: E402
 
 from fastdd.augment import DSA  # noqa: E402
 from fastdd.data import ClassSampler  # noqa: E402
-from fastdd.methods.dm import dm_loss_batched, dm_loss_per_class  # noqa: E402
+from fastdd.methods.dm import default_real_chunk, dm_loss_batched, dm_loss_per_class  # noqa: E402
 from fastdd.models import get_model, init_parameters  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -51,13 +52,16 @@ def make_iteration(formulation: str, ipc: int, classes: int, batch_real: int, de
         p.requires_grad_(False)
     dsa = DSA()
     opt = torch.optim.SGD([syn], lr=1.0, momentum=0.5)
-    loss_fn = dm_loss_batched if formulation == "batched" else dm_loss_per_class
+    chunk = default_real_chunk(device)
 
     def iteration():
         real, real_labels = sampler.sample(batch_real, g)
         init_parameters(net, g)
         draw = dsa.draw(classes, g, (32, 32))
-        loss = loss_fn(net, dsa, draw, real, real_labels, syn, syn_labels, classes)
+        if formulation == "batched":  # what DM runs, with its default real-side chunking
+            loss = dm_loss_batched(net, dsa, draw, real, real_labels, syn, syn_labels, classes, real_chunk=chunk)
+        else:
+            loss = dm_loss_per_class(net, dsa, draw, real, real_labels, syn, syn_labels, classes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -10,9 +10,10 @@ from fastdd.methods.dm import DMConfig, dm_loss_batched, dm_loss_per_class
 from fastdd.models import get_model
 
 
+@pytest.mark.parametrize("real_chunk", [0, 7])
 @pytest.mark.parametrize("use_dsa", [True, False])
 @pytest.mark.parametrize("model", ["ConvNet", "ConvNetNN"])
-def test_batched_loss_and_gradient_equal_per_class_loop(use_dsa, model):
+def test_batched_loss_and_gradient_equal_per_class_loop(use_dsa, model, real_chunk):
     g = torch.Generator().manual_seed(3)
     k, n, ipc = 4, 5, 3
     real = torch.randn(k * n, 3, 16, 16, generator=g, dtype=torch.float64)
@@ -28,7 +29,7 @@ def test_batched_loss_and_gradient_equal_per_class_loop(use_dsa, model):
     draw = dsa.draw(k, g, (16, 16)) if use_dsa else None
 
     s1 = syn.clone().requires_grad_(True)
-    batched = dm_loss_batched(net, dsa, draw, real, real_labels, s1, syn_labels, k)
+    batched = dm_loss_batched(net, dsa, draw, real, real_labels, s1, syn_labels, k, real_chunk=real_chunk)
     (g1,) = torch.autograd.grad(batched, s1)
     s2 = syn.clone().requires_grad_(True)
     looped = dm_loss_per_class(net, dsa, draw, real, real_labels, s2, syn_labels, k)
