@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -23,7 +23,6 @@ for sets initialised from real images exactly that initial subset, so the compar
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence

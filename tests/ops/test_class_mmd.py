@@ -14,16 +14,14 @@ few units in the last place of the output dtype.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from triton_interpreter import INTERPRETING_FROM_START, run_triton_cases_in_child, select_cpu_backend
 
 from fastdd.matchers import MMDMatcher
 from fastdd.ops import _backend
@@ -37,21 +35,12 @@ needs_cpp = pytest.mark.skipif(not _backend.native_has_op("class_mmd_fwd"),
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-INTERPRETING_FROM_START = _backend.triton_interpreting()  # read before anything imports triton
 
 
 @pytest.fixture
 def cpu_backend(request):
     """Parametrised backend name; 'triton' only runs when the interpreter was on from the start."""
-    name = request.param
-    if name == "cpp" and not _backend.native_has_op("class_mmd_fwd"):
-        pytest.skip("fastdd._C not built with the class_mmd kernels")
-    if name == "triton":
-        if not INTERPRETING_FROM_START:
-            pytest.skip("runs in the TRITON_INTERPRET=1 subprocess (test_triton_interpreter_subprocess)")
-        if not _backend.triton_importable():
-            pytest.skip("triton not importable")
-    return name
+    return select_cpu_backend(request.param, _backend.native_has_op("class_mmd_fwd"), "class_mmd")
 
 
 CPU_BACKENDS = ["cpp", "torch", "triton"]
@@ -232,19 +221,7 @@ def test_real_without_grad_and_single_bandwidth():
 @pytest.mark.skipif(INTERPRETING_FROM_START, reason="already inside the interpreter run")
 def test_triton_interpreter_subprocess():
     """Run every ``triton`` case of this file in a child pytest with TRITON_INTERPRET=1 set at start."""
-    if not _backend.triton_importable():
-        pytest.skip("triton not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("FASTDD_BACKEND", None)
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x",
-         "-k", "triton and not gpu and not subprocess", "-p", "no:cacheprovider"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, summary
+    run_triton_cases_in_child(__file__)
 
 
 # ---------------------------------------------------------------------------------- gradcheck / opcheck

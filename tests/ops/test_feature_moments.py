@@ -17,22 +17,19 @@ it as 0, so std = sqrt(eps) and its gradient is 0 (checked below, as is the bias
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from triton_interpreter import INTERPRETING_FROM_START, run_triton_cases_in_child, select_cpu_backend
+
 from fastdd.matchers.moments import MomentMatcher
 from fastdd.ops import _backend
 from fastdd.ops import feature_moments as fm
 from fastdd.ops._backend import BackendUnavailableError
 
-INTERPRETING_FROM_START = _backend.triton_interpreting()  # read before anything imports triton
 HAS_CPP = _backend.native_has_op("feature_moments")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="fastdd._C not built with the feature_moments kernels")
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -41,15 +38,8 @@ CPU_BACKENDS = ["cpp", "torch", "triton"]
 
 @pytest.fixture
 def cpu_backend(request):
-    name = request.param
-    if name == "cpp" and not HAS_CPP:
-        pytest.skip("fastdd._C not built with the feature_moments kernels")
-    if name == "triton":
-        if not INTERPRETING_FROM_START:
-            pytest.skip("runs in the TRITON_INTERPRET=1 subprocess (test_triton_interpreter_subprocess)")
-        if not _backend.triton_importable():
-            pytest.skip("triton not importable")
-    return name
+    """Parametrised backend name; 'triton' only runs when the interpreter was on from the start."""
+    return select_cpu_backend(request.param, HAS_CPP, "feature_moments")
 
 
 def make_maps(n, k, shapes, *, dtype=torch.float32, seed=0, device="cpu", sort=False, offset=0.3):
@@ -428,21 +418,7 @@ def test_backend_forcing(monkeypatch):
 
 def test_triton_interpreter_subprocess():
     """Run every ``triton`` case of this file in a child pytest with TRITON_INTERPRET=1 set at start."""
-    if INTERPRETING_FROM_START:
-        pytest.skip("already interpreting: the triton cases ran in this process")
-    if not _backend.triton_importable():
-        pytest.skip("triton not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("FASTDD_BACKEND", None)
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x", "-k",
-         "triton and not gpu and not subprocess", "-p", "no:cacheprovider"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, summary
+    run_triton_cases_in_child(__file__)
 
 
 def test_triton_kernels_compile_for_gpu(monkeypatch, tmp_path):
