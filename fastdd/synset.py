@@ -2,7 +2,9 @@
 
 ``DIR/synthetic.pt``          plain ``torch.save`` dict, loadable without fastdd
                               (``torch.load(p, weights_only=True)``):
-                              ``images`` float32 [N, C, H, W] (normalised space), ``labels`` int64 [N],
+                              ``images`` float32 [N, C, H, W] (normalised space) -- or, for a low-rank
+                              set, ``factor_a`` [N, C, H, r] and ``factor_b`` [N, C, r, W] instead, with
+                              ``images = factor_a @ factor_b`` (plain torch) --, ``labels`` int64 [N],
                               optional ``init_indices`` int64 [N] (training-set indices of a real init),
                               ``config`` (dict), ``metadata`` (dict: dataset, mean, std, method, ...).
 ``DIR/synthetic.safetensors`` the same tensors, with config/metadata as JSON strings in the header.
@@ -43,19 +45,31 @@ def save_synset(out_dir: str | os.PathLike, tensors: dict, config: dict, metadat
         json.dumps({"config": config, "metadata": metadata}, indent=2) + "\n"))
     mean, std = metadata.get("mean"), metadata.get("std")
     if mean is not None and std is not None:
-        grid = image_grid(tensors["images"], tensors["labels"], mean, std)
+        grid = image_grid(synset_images(tensors), tensors["labels"], mean, std)
         atomic_write(out / GRID_FILE, lambda tmp: grid.save(tmp, format="PNG"))
     return path
 
 
+def synset_images(tensors: dict) -> torch.Tensor:
+    """The images [N, C, H, W] of a set dict: ``images`` itself, or ``factor_a @ factor_b`` for a low-rank set."""
+    if "images" in tensors:
+        return tensors["images"]
+    if "factor_a" in tensors and "factor_b" in tensors:
+        return torch.matmul(tensors["factor_a"].float(), tensors["factor_b"].float())
+    raise ValueError("synthetic set: has neither 'images' nor the low-rank factors 'factor_a'/'factor_b'")
+
+
 def load_synset(path: str | os.PathLike) -> dict:
-    """Load ``synthetic.pt`` (a directory or the file) as the plain dict described above."""
+    """Load ``synthetic.pt`` (a directory or the file) as the plain dict described above; a low-rank set
+    gets its ``images`` reconstructed from the stored factors (the factors stay in the dict)."""
     path = Path(path)
     if path.is_dir():
         path = path / SYNSET_FILE
     if not path.exists():
         raise FileNotFoundError(f"synthetic set: {path} does not exist (run `fastdd distill` first)")
     data = torch.load(path, map_location="cpu", weights_only=True)
+    if "images" not in data and "factor_a" in data:
+        data["images"] = synset_images(data)
     for key in ("images", "labels", "config", "metadata"):
         if key not in data:
             raise ValueError(f"synthetic set: {path} lacks the entry {key!r}; not a fastdd synthetic set")

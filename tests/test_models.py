@@ -374,3 +374,31 @@ def test_feature_dim_bookkeeping(channel, h, w, depth, norm, pool):
     x = torch.randn(2, channel, h, w)
     assert m.embed(x).shape == (2, m.feature_dim)
     assert m(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("depth,pool", [(3, "avgpooling"), (2, "maxpooling"), (2, "none")])
+def test_embed_with_taps_matches_embed_and_tap_shapes(depth, pool):
+    from fastdd.models import embed_with_taps
+
+    g = torch.Generator().manual_seed(0)
+    net = ConvNet(1, 10, width=8, depth=depth, pool=pool, im_size=(28, 28))
+    x = torch.randn(3, 1, 28, 28, generator=g)
+    emb, taps = embed_with_taps(net, x)
+    assert torch.equal(emb, net.embed(x))
+    assert len(taps) == depth
+    size = 32  # 28x28 single-channel inputs are padded to 32x32 by the first conv
+    for d, tap in enumerate(taps):
+        assert tap.shape == (3, 8, size, size)
+        assert bool((tap >= 0).all())  # post-ReLU, as the DDM reference matches
+        if pool != "none":
+            size //= 2
+    # the first tap is exactly block 0's activation output
+    manual = net.features[2](net.features[1](net.features[0](x)))
+    assert torch.equal(taps[0], manual)
+
+
+def test_embed_with_taps_rejects_models_without_taps():
+    from fastdd.models import MLP, embed_with_taps
+
+    with pytest.raises(ValueError, match="model: MLP exposes no feature taps"):
+        embed_with_taps(MLP(1, 10, im_size=(28, 28)), torch.zeros(1, 1, 28, 28))

@@ -1,8 +1,18 @@
 """Shared machinery of the distillation methods.
 
-A :class:`Method` owns the synthetic set (images [K*IPC, C, H, W] in the dataset's normalised space,
-class-major labels [K*IPC]), the optimiser over it, one explicit ``torch.Generator`` from which every
-random draw of the run is taken, and the iteration counter. Its whole state round-trips through
+A :class:`Method` owns the synthetic set (images [K*n, C, H, W] in the dataset's normalised space,
+class-major labels [K*n], n = :attr:`Method.images_per_class`), its parameterisation ``synth`` (an
+``nn.Module`` whose ``forward()`` returns the images: plain pixels, or the low-rank factors of
+:class:`fastdd.matchers.LowRankImages` when ``rank`` > 0), the optimiser over it, the add-ons switched
+on by the config (:mod:`fastdd.methods.addons`), one explicit ``torch.Generator`` from which every
+random draw of the run is taken, and the iteration counter.
+
+Low-rank plugin (spec ``lowrank_dwa_theory.md`` 1.1-1.3): with ``rank = r`` every image channel is
+``A [H, r] @ B [r, W]``; under the same storage budget as ``ipc`` plain images the method gets
+``lowrank_ipc(ipc, H, W, r, rounding)`` images per class ("code": ``ipc * floor(HW / (r (H + W)))``, the
+reference's; "readme": ``floor(ipc HW / (r (H + W)))``). ``init="real"`` projects that many real images
+per class onto the rank-r manifold (truncated SVD); ``init="noise"`` draws A, B from N(0, 1) as the
+reference does. The saved set then stores the factors, not the images. Its whole state round-trips through
 :meth:`Method.state_dict` / :meth:`Method.load_state_dict`, so a run checkpointed at iteration k and
 resumed continues bit-for-bit like an uninterrupted one (on a deterministic device).
 
@@ -37,6 +47,8 @@ class MethodConfig:
     batch_real: int = 256  # real images per class per iteration
     dsa: bool = True  # differentiable siamese augmentation during matching
     dsa_strategy: str = ""  # "" picks the dataset default (fastdd.augment.dsa_strategy_for)
+    rank: int = 0  # low-rank plugin: 0 = plain images; r >= 1 = each channel stored as A[H,r] @ B[r,W]
+    rank_rounding: str = "code"  # images per class at the same storage: "code" (reference) or "readme"
 
     def validate(self) -> None:
         check_positive_int("ipc", self.ipc)
@@ -46,9 +58,28 @@ class MethodConfig:
             raise ValueError(f"init: expected 'real' or 'noise', got {self.init!r}")
         if not self.lr_img > 0:
             raise ValueError(f"lr_img: must be > 0, got {self.lr_img}")
+        check_positive_int("rank", self.rank, minimum=0)
+        if self.rank_rounding not in ("code", "readme"):
+            raise ValueError(f"rank_rounding: expected 'code' or 'readme', got {self.rank_rounding!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class PixelImages(torch.nn.Module):
+    """Plain parameterisation: the synthetic images themselves, one ``Parameter`` [N, C, H, W]."""
+
+    def __init__(self, images: torch.Tensor):
+        super().__init__()
+        self.images = torch.nn.Parameter(images)
+
+    def forward(self) -> torch.Tensor:
+        """The images [N, C, H, W] (the parameter itself)."""
+        return self.images
+
+    def export(self) -> dict:
+        """Tensors a saved set stores: ``{"images": [N, C, H, W]}`` (detached, CPU, float32)."""
+        return {"images": self.images.detach().float().cpu().contiguous()}
 
 
 class Method:
@@ -65,7 +96,12 @@ class Method:
         self.dataset = dataset.to(self.device)
         self.num_classes = dataset.num_classes
         counts = self.dataset.class_counts()
-        for option, wanted in (("ipc", config.ipc), ("batch_real", config.batch_real)):
+        self.images_per_class = self._images_per_class()
+        checks = [("batch_real", config.batch_real)]
+        if config.init == "real":
+            checks.insert(0, ("ipc" if config.rank == 0 else f"ipc (rank {config.rank}: {self.images_per_class} "
+                              f"images per class)", self.images_per_class))
+        for option, wanted in checks:
             smallest = int(counts.min())
             if wanted > smallest:
                 cls = int(counts.argmin())
@@ -76,23 +112,78 @@ class Method:
         self.sampler = ClassSampler(self.dataset.images, self.dataset.labels, self.num_classes)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.iteration = 0
-        self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(config.ipc)
+        self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.images_per_class)
         self.init_indices: Optional[torch.Tensor] = None
-        self.images = self._initial_images()
-        self.images.requires_grad_(True)
-        self.optimizer = torch.optim.SGD([self.images], lr=config.lr_img, momentum=config.momentum_img)
+        self.synth = self._initial_parameterisation().to(self.device)
+        self.optimizer = torch.optim.SGD(self.synth.parameters(), lr=config.lr_img, momentum=config.momentum_img)
         self.last_loss = float("nan")
+        from .addons import build_addons
+
+        self.addons = build_addons(self)
 
     # ----------------------------------------------------------------------------------- set-up
+    def _images_per_class(self) -> int:
+        """Synthetic images per class: ``ipc``, or the low-rank plugin's count at the same storage."""
+        cfg = self.config
+        if cfg.rank == 0:
+            return cfg.ipc
+        from ..ops.lowrank import lowrank_ipc
+
+        h, w = self.dataset.image_size
+        return lowrank_ipc(cfg.ipc, h, w, cfg.rank, rounding=cfg.rank_rounding)
+
     def _initial_images(self) -> torch.Tensor:
-        """Initial synthetic set [K*IPC, C, H, W]: real images (recording their indices) or noise."""
+        """Initial synthetic images [K*n, C, H, W]: real images (recording their indices) or N(0, 1) noise."""
         cfg = self.config
         if cfg.init == "real":
-            idx = self.sampler.sample_indices(cfg.ipc, self.generator)  # [K, IPC]
+            idx = self.sampler.sample_indices(self.images_per_class, self.generator)  # [K, n]
             self.init_indices = idx.reshape(-1).clone()
             return self.dataset.images[self.init_indices].clone()
-        shape = (self.num_classes * cfg.ipc, *self.dataset.images.shape[1:])
+        shape = (self.num_classes * self.images_per_class, *self.dataset.images.shape[1:])
         return torch.randn(shape, generator=self.generator, device=self.device)
+
+    def _initial_parameterisation(self) -> torch.nn.Module:
+        """The module holding the learnable synthetic set: :class:`PixelImages`, or
+        :class:`fastdd.matchers.LowRankImages` (projected real images or N(0, 1) factors) when ``rank`` > 0."""
+        cfg = self.config
+        if cfg.rank == 0:
+            return PixelImages(self._initial_images())
+        from ..matchers.lowrank import LowRankImages
+
+        if cfg.init == "real":
+            return LowRankImages.from_real(self._initial_images(), cfg.rank)
+        c, (h, w) = self.dataset.channels, self.dataset.image_size
+        return LowRankImages.from_noise(self.num_classes * self.images_per_class, c, h, w, cfg.rank,
+                                        self.generator, device=self.device)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The current synthetic images [K*n, C, H, W], differentiable w.r.t. the parameterisation."""
+        return self.synth()
+
+    # ----------------------------------------------------------------------------------- add-ons
+    @property
+    def needs_taps(self) -> bool:
+        """Whether some add-on needs the per-block feature maps (not only the embedding)."""
+        return any(getattr(a, "needs_taps", False) for a in self.addons.values())
+
+    def addon_loss(self, real_emb, real_taps, real_labels, syn_emb, syn_taps, syn_labels):
+        """Sum of the switched-on add-ons' (weighted) losses, or ``None`` when there are none.
+        Shapes: embeddings [N, F], taps lists of [N, C_l, H_l, W_l] (may be ``None`` if no add-on needs them)."""
+        total = None
+        for addon in self.addons.values():
+            term = addon.loss(real_emb, real_taps, real_labels, syn_emb, syn_taps, syn_labels)
+            total = term if total is None else total + term
+        return total
+
+    def addons_zero_grad(self) -> None:
+        for addon in self.addons.values():
+            addon.zero_grad()
+
+    def addons_step(self) -> None:
+        """Step the add-ons' own optimisers (call after ``backward``)."""
+        for addon in self.addons.values():
+            addon.step()
 
     # ----------------------------------------------------------------------------------- one step
     def step(self) -> float:
@@ -106,12 +197,13 @@ class Method:
             "method": self.name,
             "config": self.config.to_dict(),
             "iteration": self.iteration,
-            "images": self.images.detach().cpu(),
+            "synth": {k: v.detach().cpu() for k, v in self.synth.state_dict().items()},
             "labels": self.labels.cpu(),
             "init_indices": None if self.init_indices is None else self.init_indices.cpu(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "last_loss": self.last_loss,
+            "addons": {name: addon.state_dict() for name, addon in self.addons.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -123,9 +215,17 @@ class Method:
         if differing:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in differing)
             raise ValueError(f"checkpoint: configuration differs from this run ({detail})")
-        with torch.no_grad():
-            self.images.copy_(state["images"].to(self.device))
+        if "synth" in state:
+            self.synth.load_state_dict({k: v.to(self.device) for k, v in state["synth"].items()})
+        else:  # checkpoints written before the parameterisation existed held the pixels as "images"
+            with torch.no_grad():
+                self.synth.images.copy_(state["images"].to(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
+        saved_addons = state.get("addons", {})
+        if sorted(saved_addons) != sorted(self.addons):
+            raise ValueError(f"checkpoint: add-ons {sorted(saved_addons)} differ from this run's {sorted(self.addons)}")
+        for name, addon in self.addons.items():
+            addon.load_state_dict(saved_addons[name])
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
         idx = state.get("init_indices")
@@ -175,8 +275,12 @@ class Method:
 
     # ----------------------------------------------------------------------------------- result
     def synthetic_set(self) -> dict:
-        """The distilled set as a plain tensor dict (CPU): images, labels and, if any, init_indices."""
-        out = {"images": self.images.detach().float().cpu().contiguous(), "labels": self.labels.cpu()}
+        """The distilled set as a plain tensor dict (CPU): ``images`` [N, C, H, W] (or, for the low-rank
+        plugin, ``factor_a`` [N, C, H, r] and ``factor_b`` [N, C, r, W] instead, images = a @ b),
+        ``labels`` [N] and, if any, ``init_indices`` [N]."""
+        export = getattr(self.synth, "export", None) or self.synth.factors
+        out = dict(export())
+        out["labels"] = self.labels.cpu()
         if self.init_indices is not None:
             out["init_indices"] = self.init_indices.cpu()
         return out

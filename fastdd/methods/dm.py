@@ -21,7 +21,7 @@ import torch
 
 from ..augment import DSA, dsa_strategy_for
 from ..matchers import MMDMatcher
-from ..models import get_model, init_parameters
+from ..models import embed_with_taps, get_model, init_parameters
 from .base import Method, MethodConfig
 from .registry import register
 
@@ -40,23 +40,34 @@ def default_real_chunk(device: torch.device) -> int:
     return 0 if torch.device(device).type == "cuda" else 512
 
 
-def embed_pairs(net, dsa, draw, real, real_labels, syn, syn_labels, real_chunk: int = 0):
+def embed_pairs(net, dsa, draw, real, real_labels, syn, syn_labels, real_chunk: int = 0, taps: bool = False):
     """Augment both sides with the per-class ``draw`` and embed them.
 
     The real side runs without autograd, in class-agnostic chunks of ``real_chunk`` rows (0: one
     forward); instance norm is per sample, so chunking does not change the result.
-    Returns (real features [K*n, F] without autograd graph, synthetic features [K*IPC, F]).
+    Returns (real features [K*n, F] without autograd graph, synthetic features [K*IPC, F]); with
+    ``taps=True`` (real features, real taps, synthetic features, synthetic taps), the taps being the
+    per-block maps of :func:`fastdd.models.embed_with_taps`.
     """
+    embed = (lambda x: embed_with_taps(net, x)) if taps else net.embed
     with torch.no_grad():
         if dsa is not None:
             real = dsa.apply(real, draw, real_labels)
         if real_chunk and real.shape[0] > real_chunk:
-            real_feat = torch.cat([net.embed(part) for part in real.split(real_chunk)])
+            parts = [embed(part) for part in real.split(real_chunk)]
+            if taps:
+                real_out = (torch.cat([p[0] for p in parts]),
+                            [torch.cat([p[1][l] for p in parts]) for l in range(len(parts[0][1]))])
+            else:
+                real_out = torch.cat(parts)
         else:
-            real_feat = net.embed(real)
+            real_out = embed(real)
     if dsa is not None:
         syn = dsa.apply(syn, draw, syn_labels)
-    return real_feat, net.embed(syn)
+    syn_out = embed(syn)
+    if taps:
+        return real_out[0], real_out[1], syn_out[0], syn_out[1]
+    return real_out, syn_out
 
 
 def dm_loss_batched(net, dsa, draw, real, real_labels, syn, syn_labels, num_classes, matcher=None,
@@ -110,9 +121,19 @@ class DM(Method):
         draw = None
         if self.dsa is not None:
             draw = self.dsa.draw(self.num_classes, self.generator, self.dataset.image_size)
-        loss = dm_loss_batched(self.net, self.dsa, draw, real, real_labels, self.images, self.labels,
-                               self.num_classes, self.matcher, self.real_chunk)
+        if self.addons:
+            taps = self.needs_taps
+            out = embed_pairs(self.net, self.dsa, draw, real, real_labels, self.images, self.labels,
+                              self.real_chunk, taps=taps)
+            real_feat, real_taps, syn_feat, syn_taps = out if taps else (out[0], None, out[1], None)
+            loss = self.matcher(real_feat, real_labels, syn_feat, self.labels, self.num_classes)
+            loss = loss + self.addon_loss(real_feat, real_taps, real_labels, syn_feat, syn_taps, self.labels)
+        else:
+            loss = dm_loss_batched(self.net, self.dsa, draw, real, real_labels, self.images, self.labels,
+                                   self.num_classes, self.matcher, self.real_chunk)
         self.optimizer.zero_grad(set_to_none=True)
+        self.addons_zero_grad()
         loss.backward()
         self.optimizer.step()
+        self.addons_step()
         return float(loss.detach())

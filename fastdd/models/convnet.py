@@ -138,6 +138,26 @@ class ConvNet(nn.Module):
         check_images(x, self.channel, self.im_size)
         return self.features(x).flatten(1)
 
+    def embed_with_taps(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Embedding plus the "style" taps of every block.
+
+        Returns ``(embed(x) [N, feature_dim], [tap_0, ..., tap_{depth-1}])`` where ``tap_d`` is block d's
+        activation output (after conv, norm and activation, before pooling), ``[N, width, H_d, W_d]``.
+        This is what DDM's reference actually matches: its norm output is overwritten by an in-place
+        ReLU (spec ``ddm_mim4dd.md`` 1.3), so the post-activation, pre-pool map is the faithful tap.
+        """
+        check_images(x, self.channel, self.im_size)
+        taps: List[torch.Tensor] = []
+        h = x
+        for layer in self.features:
+            is_pool = isinstance(layer, (nn.AvgPool2d, nn.MaxPool2d))
+            if is_pool:
+                taps.append(h)
+            h = layer(h)
+            if not is_pool and self.pool == "none" and isinstance(layer, (nn.ReLU, nn.Sigmoid, nn.LeakyReLU, Swish)):
+                taps.append(h)
+        return h.flatten(1), taps
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``classifier(embed(x))``: ``[N, channel, H, W] -> [N, num_classes]``."""
         return self.classifier(self.embed(x))
