@@ -51,8 +51,8 @@ tiles: deterministic, no atomics). Memory O((Ns + Nr) D + tiles).
 
 The per-anchor weights (v, w / u), log c and the inverse row norms are computed once per forward in
 plain torch (O(Ns log Nr) with a sorted copy of the real labels; no class count needed) and saved; the
-kernels receive the row scales and return gradients w.r.t. the scaled rows ``z``; the normalisation's
-backward ``dx = (dz - z (z . dz)) / ||x||`` is an O((Ns + Nr) D) epilogue in the same custom op.
+kernels receive the row scales ``1 / norm`` and return gradients w.r.t. the scaled rows ``z``; the
+normalisation's backward ``dx = (dz - z (z . dz)) / ||x||`` is an O((Ns + Nr) D) epilogue in the same custom op.
 Custom ops: ``fastdd::infonce`` / ``fastdd::infonce_backward`` (``register_fake``,
 ``register_autograd``; backend chosen at run time by :func:`fastdd.ops._backend.select_backend`,
 ``FASTDD_BACKEND`` respected).
@@ -137,11 +137,12 @@ def _form_id(form: str) -> int:
     return FORMS.index(form)
 
 
-def _row_scales(x: Tensor, normalize: bool, acc: torch.dtype) -> Tensor:
-    """Per-row factor of ``z = scale * x``: ``1 / max(||x||, eps)`` or ones, [N] in ``acc``."""
+def _row_norms(x: Tensor, normalize: bool, acc: torch.dtype) -> Tensor:
+    """Per-row divisor of ``z = x / norm``: ``max(||x||, eps)`` or ones, [N] in ``acc`` (the kernels get
+    ``1 / norm`` as their row scale)."""
     if not normalize:
         return torch.ones(x.shape[0], dtype=acc, device=x.device)
-    return torch.linalg.vector_norm(x, dim=1, dtype=acc).clamp_min(NORM_EPS).reciprocal()
+    return torch.linalg.vector_norm(x, dim=1, dtype=acc).clamp_min(NORM_EPS)
 
 
 def _row_weights(syn_labels: Tensor, real_labels: Tensor, form: str, nce_constant: Optional[float],
@@ -169,15 +170,15 @@ def _row_weights(syn_labels: Tensor, real_labels: Tensor, form: str, nce_constan
     return torch.stack([w_pos, w_neg]), logc
 
 
-def _normalize_backward(dz: Tensor, x: Tensor, scale: Tensor, normalize: bool) -> Tensor:
-    """d x from d z for ``z = scale * x`` with ``scale = 1 / max(||x||, eps)``:
-    ``dx = scale (dz - [||x|| > eps] z (z . dz))``; the identity when not normalising."""
+def _normalize_backward(dz: Tensor, x: Tensor, norm: Tensor, normalize: bool) -> Tensor:
+    """d x from d z for ``z = x / norm`` with ``norm = max(||x||, eps)``:
+    ``dx = (dz - [||x|| > eps] z (z . dz)) / norm``; the identity when not normalising."""
     if not normalize:
         return dz.to(x.dtype)
-    z = x.to(dz.dtype) * scale[:, None]
-    active = (scale * NORM_EPS < 1).to(dz.dtype)  # ||x|| > eps: the norm (not the clamp) is differentiated
+    z = x.to(dz.dtype) / norm[:, None]
+    active = (norm > NORM_EPS).to(dz.dtype)  # ||x|| > eps: the norm (not the clamp) is differentiated
     dot = (z * dz).sum(1) * active
-    return (scale[:, None] * (dz - z * dot[:, None])).to(x.dtype)
+    return ((dz - z * dot[:, None]) / norm[:, None]).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------ torch backend
@@ -289,15 +290,15 @@ def _bwd_impl(backend, syn, syn_labels, real, real_labels, ss, rs, w, logc, lse,
 def _infonce_op(syn: Tensor, syn_labels: Tensor, real: Tensor, real_labels: Tensor, temperature: float,
                 form: str, normalize: bool, nce_constant: Optional[float], nce_negatives: str,
                 backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss [] syn.dtype, lse [Ns], weights [2, Ns], logc [Ns], syn_scale [Ns], real_scale [Nr]); all but
+    """(loss [] syn.dtype, lse [Ns], weights [2, Ns], logc [Ns], syn_norm [Ns], real_norm [Nr]); all but
     the loss in the accumulation dtype."""
     chosen = select_backend(_OP, syn.device, backend)
     acc = _acc_dtype(syn.dtype)
-    ss, rs = _row_scales(syn, normalize, acc), _row_scales(real, normalize, acc)
+    ns_, nr_ = _row_norms(syn, normalize, acc), _row_norms(real, normalize, acc)
     w, logc = _row_weights(syn_labels, real_labels, form, nce_constant, nce_negatives, acc)
-    row, lse = _fwd_impl(chosen, syn, syn_labels, real, real_labels, ss, rs, w, logc, float(temperature),
-                         _form_id(form))
-    return row.sum().to(syn.dtype), lse, w, logc, ss, rs
+    row, lse = _fwd_impl(chosen, syn, syn_labels, real, real_labels, ns_.reciprocal(), nr_.reciprocal(), w, logc,
+                         float(temperature), _form_id(form))
+    return row.sum().to(syn.dtype), lse, w, logc, ns_, nr_
 
 
 @_infonce_op.register_fake
@@ -310,22 +311,22 @@ def _(syn, syn_labels, real, real_labels, temperature, form, normalize, nce_cons
 
 @torch.library.custom_op("fastdd::infonce_backward", mutates_args=())
 def _infonce_backward_op(grad: Tensor, syn: Tensor, syn_labels: Tensor, real: Tensor, real_labels: Tensor,
-                         syn_scale: Tensor, real_scale: Tensor, lse: Tensor, weights: Tensor, logc: Tensor,
+                         syn_norm: Tensor, real_norm: Tensor, lse: Tensor, weights: Tensor, logc: Tensor,
                          temperature: float, form: str, normalize: bool, need_syn: bool, need_real: bool,
                          backend: Optional[str]) -> Tuple[Tensor, Tensor]:
     """(grad_syn [Ns, D] or [0, D], grad_real [Nr, D] or [0, D]) in the input dtypes."""
     chosen = select_backend(_OP, syn.device, backend)
     w = weights * grad.to(weights.dtype)
-    dzs, dzr = _bwd_impl(chosen, syn, syn_labels, real, real_labels, syn_scale, real_scale, w, logc, lse,
-                         float(temperature), _form_id(form), need_syn, need_real)
+    dzs, dzr = _bwd_impl(chosen, syn, syn_labels, real, real_labels, syn_norm.reciprocal(), real_norm.reciprocal(),
+                         w, logc, lse, float(temperature), _form_id(form), need_syn, need_real)
     D = syn.shape[1]
-    gs = _normalize_backward(dzs, syn, syn_scale, normalize) if need_syn else syn.new_empty((0, D))
-    gr = _normalize_backward(dzr, real, real_scale, normalize) if need_real else real.new_empty((0, D))
+    gs = _normalize_backward(dzs, syn, syn_norm, normalize) if need_syn else syn.new_empty((0, D))
+    gr = _normalize_backward(dzr, real, real_norm, normalize) if need_real else real.new_empty((0, D))
     return gs, gr
 
 
 @_infonce_backward_op.register_fake
-def _(grad, syn, syn_labels, real, real_labels, syn_scale, real_scale, lse, weights, logc, temperature, form,
+def _(grad, syn, syn_labels, real, real_labels, syn_norm, real_norm, lse, weights, logc, temperature, form,
       normalize, need_syn, need_real, backend):
     D = syn.shape[1]
     return (syn.new_empty((syn.shape[0] if need_syn else 0, D)),
