@@ -139,6 +139,16 @@ def test_cpp_independent_of_thread_count():
 
 
 @needs_cpp
+@pytest.mark.parametrize("rank", [1, 3, 8, 9])  # compile-time ranks 1..8, the general kernel above
+def test_cpp_generic_isa_matches_reference(monkeypatch, rank):
+    """FASTDD_CPU_ISA=generic forces the default-ISA inner loops instead of the AVX2+FMA ones."""
+    monkeypatch.setenv("FASTDD_CPU_ISA", "generic")
+    a, b, grad = make_factors(3, 2, 11, 19, rank, seed=rank)
+    check_against_reference("cpp", a, b, grad, torch.float32)
+    check_against_reference("cpp", a.double(), b.double(), grad.double(), torch.float64)
+
+
+@needs_cpp
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 4), c=st.integers(1, 3), h=st.integers(1, 20), w=st.integers(1, 40),
        r=st.integers(1, 9), seed=st.integers(0, 2**16))
