@@ -17,6 +17,9 @@ P = N * C planes, F = P * r * (H + W) factor elements, X = P * H * W image eleme
   fwd+bwd  the sum of both
 torch eager's backward is two GEMMs, each reading dX, so its actual traffic is ~2 X b in bwd.
 
+With ``--threads 1`` on CPU the notes column also carries the median CPU time of the (only) thread: on
+a shared machine that is the trustworthy figure (wall-clock medians include preemption).
+
 Results are appended to benchmarks/results/lowrank.csv and benchmarks/results/lowrank.md is regenerated.
 """
 from __future__ import annotations
@@ -93,6 +96,9 @@ def run(args) -> list:
                         t0 = time.perf_counter()
                         call = lambda fn=fn: fn(a, b)  # noqa: E731
                         notes = f"threads={torch.get_num_threads()}" if device.type == "cpu" else ""
+                        if device.type == "cpu" and torch.get_num_threads() == 1:
+                            cpu = H.cpu_time_ms(H.make_call(call, [a, b], mode), runs=5 if args.quick else 15)
+                            notes = f"threads=1; main-thread cpu median {cpu:.3f} ms"
                         row = H.measure(
                             op="lowrank_reconstruct", provider=name, mode=mode, size=label, dtype=dtype,
                             device=device, fn=call, inputs=[a, b],
