@@ -116,13 +116,27 @@ void bwd_kernel(const scalar_t* G, const scalar_t* A, const scalar_t* B, scalar_
   using acc_t = typename AccOf<scalar_t>::type;
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   at::parallel_for(0, P, plane_grain(H, W, r), [&](int64_t p0, int64_t p1) {
-    std::vector<acc_t> bbuf(same ? 0 : r * W), gbuf(same ? 0 : W), gb(dB != nullptr ? r * W : 0);
+    std::vector<acc_t> bbuf(same ? 0 : r * W), gbuf(same ? 0 : 4 * W), gb(dB != nullptr ? r * W : 0);
     for (int64_t p = p0; p < p1; ++p) {
       const scalar_t* a = A + p * H * r;
       const acc_t* b = dA != nullptr ? as_acc<scalar_t, acc_t>(B + p * r * W, r * W, bbuf) : nullptr;
       std::fill(gb.begin(), gb.end(), acc_t(0));
       acc_t* gbp = dB != nullptr ? gb.data() : nullptr;
-      for (int64_t i = 0; i < H; ++i) {
+      int64_t i = 0;
+      if constexpr (R > 0) {
+        for (; i + 4 <= H; i += 4) {  // four rows of dX per step, each read once
+          const acc_t* g4 = as_acc<scalar_t, acc_t>(G + (p * H + i) * W, 4 * W, gbuf);
+          scalar_t* dai = dA != nullptr ? dA + (p * H + i) * r : nullptr;
+#ifdef FASTDD_LR_AVX2
+          if constexpr (AVX2) {
+            avx2::bwd_rows4<scalar_t, acc_t, R>(g4, g4 + W, g4 + 2 * W, g4 + 3 * W, a + i * r, b, dai, gbp, W);
+            continue;
+          }
+#endif
+          generic::bwd_rows4<scalar_t, acc_t, R>(g4, g4 + W, g4 + 2 * W, g4 + 3 * W, a + i * r, b, dai, gbp, W);
+        }
+      }
+      for (; i < H; ++i) {
         const acc_t* gi = as_acc<scalar_t, acc_t>(G + (p * H + i) * W, W, gbuf);  // the one read of dX[p, i]
         scalar_t* dai = dA != nullptr ? dA + (p * H + i) * r : nullptr;
 #ifdef FASTDD_LR_AVX2
