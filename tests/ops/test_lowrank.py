@@ -186,7 +186,7 @@ def test_gradcheck_float64(cpu_backend):
     assert torch.autograd.gradcheck(lambda x, y: ops.lowrank_reconstruct(x, y, backend=cpu_backend), (a, b))
 
 
-@pytest.mark.parametrize("cpu_backend", ["cpp", "torch"], indirect=True)
+@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
 def test_opcheck(cpu_backend):
     a, b, grad = make_factors(2, 3, 5, 6, 2, seed=7)
     ar, br = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
