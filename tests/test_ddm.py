@@ -246,9 +246,9 @@ def test_ddm_beats_its_initial_real_subset_on_fashion_mnist(fmnist):
 
     train, test = fmnist
     cls = get("ddm")
-    method = cls(DDMConfig(ipc=2, iterations=60, batch_real=16, seed=0), train).fit(progress=False)
+    method = cls(DDMConfig(ipc=2, iterations=40, batch_real=16, seed=0), train).fit(progress=False)
     syn = method.synthetic_set()
-    cfg = EvalConfig(num_models=3, epochs=100, seed=0, faithful_epochs=False)
+    cfg = EvalConfig(num_models=2, epochs=60, seed=0, faithful_epochs=False)
     result = evaluate_synset(syn["images"], syn["labels"], train, _stratified_subset(test, 200), cfg,
                              baseline_indices=syn["init_indices"])
     d = result.to_dict()
