@@ -62,11 +62,12 @@ def _method(ds, **kw):
 
 # ------------------------------------------------------------------------------------------ the term
 @pytest.mark.parametrize("form", ["supcon", "nce"])
-@pytest.mark.parametrize("layers,head,shared", [("all", "linear", False), ("all", "linear", True),
-                                                ("last", "linear", False), ("all", "none", False)])
-def test_mim_term_matches_dense_reference_with_gradients(digits_train, form, layers, head, shared):
+@pytest.mark.parametrize("layers,head,shared,sym", [("all", "linear", False, False), ("all", "linear", True, False),
+                                                    ("last", "linear", False, False), ("all", "none", False, False),
+                                                    ("all", "linear", False, True)])
+def test_mim_term_matches_dense_reference_with_gradients(digits_train, form, layers, head, shared, sym):
     m = _method(digits_train, mim_form=form, mim_layers=layers, mim_head=head, mim_shared_head=shared,
-                mim_temperature=0.2)
+                mim_temperature=0.2, mim_symmetric=sym)
     addon = m.addons["mim"]
     assert addon.needs_taps == (layers == "all") and m.needs_taps == (layers == "all")
     real, real_labels = m.sampler.sample(8, m.generator)
@@ -86,7 +87,10 @@ def test_mim_term_matches_dense_reference_with_gradients(digits_train, form, lay
             hs = addon.heads["shared" if shared else "syn"][l]
             fr, fs = F.linear(fr, hr.weight, hr.bias), F.linear(fs, hs.weight, hs.bias)
             assert fr.shape[1] == 128
-        ref = ref + dense_infonce(fs.double(), m.labels, fr.double(), real_labels, 0.2, form)
+        term = dense_infonce(fs.double(), m.labels, fr.double(), real_labels, 0.2, form)
+        if sym:  # real rows as anchors too; the mean of the two directions
+            term = 0.5 * (term + dense_infonce(fr.double(), real_labels, fs.double(), m.labels, 0.2, form))
+        ref = ref + term
     ref = 0.7 * ref
     grads_ref = torch.autograd.grad(ref, [syn] + params)
     torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-6)

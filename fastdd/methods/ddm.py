@@ -48,6 +48,7 @@ import torch
 
 from ..matchers import MMDMatcher, MomentMatcher
 from ..matchers.diversity import K_RULES, REDUCTIONS, icd_k, icd_loss
+from ..models import init_parameters
 from ..ops import feature_moments as fm
 from .dm import DM, DMConfig, embed_pairs
 from .registry import register
@@ -195,8 +196,6 @@ class DDM(DM):
     def step(self) -> float:
         cfg = self.config
         real, real_labels = self.sampler.sample(cfg.batch_real, self.generator)
-        from ..models import init_parameters
-
         init_parameters(self.net, self.generator)
         draw = None
         if self.dsa is not None:
