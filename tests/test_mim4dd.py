@@ -8,35 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastdd.matchers
 from fastdd.cli import main
 from fastdd.methods import get
 from fastdd.methods.dm import DMConfig, embed_pairs
 from fastdd.methods.mim4dd import MIM4DDConfig
-
-
-class _DenseInfoNCE(torch.nn.Module):
-    """Plain dense stand-in with InfoNCEMatcher's interface, used only until op-infonce's matcher is merged."""
-
-    def __init__(self, temperature=0.1, form="supcon", normalize=True, symmetric=False, backend=None,
-                 validate=True):
-        super().__init__()
-        self.t, self.form, self.norm, self.sym = temperature, form, normalize, symmetric
-
-    def _one(self, zs, ys, zr, yr):
-        return dense_infonce(zs, ys, zr, yr, self.t, self.form, self.norm)
-
-    def forward(self, syn, syn_labels, real, real_labels):
-        loss = self._one(syn, syn_labels, real, real_labels)
-        if self.sym:
-            loss = 0.5 * (loss + self._one(real, real_labels, syn, syn_labels))
-        return loss
-
-
-@pytest.fixture(autouse=True)
-def infonce_matcher(monkeypatch):
-    if not hasattr(fastdd.matchers, "InfoNCEMatcher"):
-        monkeypatch.setattr(fastdd.matchers, "InfoNCEMatcher", _DenseInfoNCE, raising=False)
 
 
 def dense_infonce(zs, ys, zr, yr, tau, form="supcon", normalize=True):

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..matchers import InfoNCEMatcher
+from ..models import init_parameters
 from .addons import register_addon
 from .dm import DM, DMConfig
 from .registry import register
@@ -107,9 +109,6 @@ class MIMAddon:
     """The "mim" add-on (contract of :mod:`fastdd.methods.addons`; see the module docstring)."""
 
     def __init__(self, method):
-        from ..matchers import InfoNCEMatcher
-        from ..models import init_parameters
-
         cfg = method.config
         self.config = cfg
         self.needs_taps = cfg.mim_layers == "all"
