@@ -2,5 +2,6 @@
 from .registry import get, names, register
 from .base import Method, MethodConfig
 from . import dm  # noqa: F401  (registers "dm")
+from . import dance  # noqa: F401  (registers "dance")
 
 __all__ = ["get", "names", "register", "Method", "MethodConfig"]
