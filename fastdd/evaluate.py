@@ -265,8 +265,9 @@ def train_stacked_idc(
     return torch.stack(checkpoints, dim=1)
 
 
-#: Training loop of each protocol: returns accuracies [M] (last epoch) or [M, P] (per checkpoint).
-_TRAINERS = {"dm": train_stacked, "idc": train_stacked_idc}
+#: Training loop of each protocol (a module-level function, looked up by name at call time so it can be
+#: patched): returns accuracies [M] (last epoch) or [M, P] (per checkpoint).
+_TRAINERS = {"dm": "train_stacked", "idc": "train_stacked_idc"}
 
 
 @torch.no_grad()
@@ -394,7 +395,7 @@ def evaluate_synset(
     else:
         parts = [(torch.cat(sets_x), torch.cat(sets_y), seeds)]
     test_x, test_y = test_set.images.to(device), test_set.labels.to(device)
-    trainer = _TRAINERS[cfg.protocol]
+    trainer = globals()[_TRAINERS[cfg.protocol]]
     accs = torch.cat([
         trainer(x, y, test_x, test_y, k, cfg, dataset_name=test_set.name, model_seeds=s, generator=generator)
         for x, y, s in parts
