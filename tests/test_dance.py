@@ -226,7 +226,7 @@ def test_bad_input(tmp_path, digits_train, experts):
         make(ds, experts, num_premodel=5)
     with pytest.raises(ValueError, match="ipc=4 with factor=2 needs 16 images"):
         make(ds, experts, ipc=4, factor=2)
-    with pytest.raises(ValueError, match="ipc=13 with factor=1 needs 13 images of every class"):
+    with pytest.raises(ValueError, match="ipc=13 is larger than class 0"):
         make(ds, experts, ipc=13)
     with pytest.raises(ValueError, match="batch_real=13 is larger than class"):
         make(ds, experts, batch_real=13)
@@ -296,3 +296,21 @@ def test_cli_pretrain_distill_evaluate_idc(tmp_path, capsys):
     assert main(["distill", "--method", "dance", "--dataset", "digits", "--experts", str(tmp_path / "none"),
                  "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "not an expert directory" in capsys.readouterr().err
+
+
+def test_low_rank_plugin_over_dance(digits_train, experts):
+    """rank 2: the stored images are the (clamped) reconstruction of the factors; the saved set holds
+    the factors (no stored pixels needed to rebuild it) and decodes to the training images."""
+    pytest.importorskip("fastdd.matchers.lowrank")
+    ds = small(digits_train)
+    m = make(ds, experts, rank=2, ipc=1, factor=2, lr_img=0.1)
+    n = m.images_per_class
+    m.fit(progress=False)
+    s = m.synthetic_set()
+    assert "factor_a" in s and "factor_b" in s
+    rebuilt = torch.matmul(s["factor_a"], s["factor_b"]).clamp(0, 1)
+    assert torch.allclose(s["stored_images"], rebuilt, atol=1e-6)
+    assert s["images"].shape[0] == 10 * n * 4 and s["labels"].shape[0] == 10 * n * 4
+    from fastdd.idc import decode
+
+    assert torch.allclose(s["images"], ds.normalize(decode(rebuilt, 2)), atol=1e-5)

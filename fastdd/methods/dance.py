@@ -128,12 +128,6 @@ class DANCE(Method):
     config_cls = DANCEConfig
 
     def __init__(self, config: DANCEConfig, dataset, device="cpu"):
-        counts = dataset.class_counts()
-        need = config.ipc * config.factor ** 2
-        if config.init == "real" and need > int(counts.min()):
-            raise ValueError(f"ipc={config.ipc} with factor={config.factor} needs {need} images of every class "
-                             f"for the real init, but class {int(counts.argmin())} of {dataset.name} has only "
-                             f"{int(counts.min())} images")
         config.validate()
         self.meta, pairs = load_experts(config.experts, config.num_premodel, device=device)
         super().__init__(config, dataset, device)
@@ -158,23 +152,29 @@ class DANCE(Method):
                 p.requires_grad_(False)
         self.aug = IDCAugment(config.match_strategy) if config.dsa else None
         self.matcher = MMDMatcher()
-        self.decoded_per_class = config.ipc * config.factor ** 2
+        self.decoded_per_class = self.images_per_class * config.factor ** 2
         self.decoded_labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(
             self.decoded_per_class)
 
     # ----------------------------------------------------------------------------------- images
     def _initial_images(self) -> torch.Tensor:
-        """Stored images [K*ipc, C, H, W] in the storage space (see module docstring)."""
+        """Stored images [K*n, C, H, W] in the storage space (see module docstring); n = images_per_class
+        (``ipc``, or the low-rank plugin's count at the same storage)."""
         cfg = self.config
-        f2 = cfg.factor ** 2
+        n, f2 = self.images_per_class, cfg.factor ** 2
         if cfg.init == "noise":
-            shape = (self.num_classes * cfg.ipc, *self.dataset.images.shape[1:])
+            shape = (self.num_classes * n, *self.dataset.images.shape[1:])
             pix = (torch.randn(shape, generator=self.generator, device=self.device) / 4 + 0.5).clamp_(0, 1)
         else:
+            counts = self.dataset.class_counts()
+            if n * f2 > int(counts.min()):
+                raise ValueError(f"ipc={cfg.ipc} with factor={cfg.factor} needs {n * f2} images of every class "
+                                 f"for the real init, but class {int(counts.argmin())} of {self.dataset.name} has "
+                                 f"only {int(counts.min())} images")
             if cfg.init_order == "first":
-                idx = self.sampler.first_indices(cfg.ipc * f2)
+                idx = self.sampler.first_indices(n * f2)
             else:
-                idx = self.sampler.sample_indices(cfg.ipc * f2, self.generator)
+                idx = self.sampler.sample_indices(n * f2, self.generator)
             self.init_indices = idx.reshape(-1).clone()
             pix = mosaic(self.dataset.denormalize(self.dataset.images[self.init_indices]), cfg.factor)
         return pix if cfg.storage == "pixel" else self.dataset.normalize(pix)
@@ -207,8 +207,8 @@ class DANCE(Method):
 
     def _class_syn(self, c: int) -> torch.Tensor:
         """Decoded, normalised, subsampled synthetic images of class c (differentiable)."""
-        ipc = self.config.ipc
-        x = self.to_network(self.stored()[c * ipc:(c + 1) * ipc])
+        n = self.images_per_class
+        x = self.to_network(self.stored()[c * n:(c + 1) * n])
         keep = self._subsample(x.shape[0])
         return x if keep is None else x.index_select(0, keep)
 
