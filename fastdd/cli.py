@@ -1,4 +1,4 @@
-"""The ``fastdd`` command line: ``distill``, ``evaluate``, ``show``.
+"""The ``fastdd`` command line: ``distill``, ``evaluate``, ``show``, ``pretrain`` (DANCE experts).
 
 Method options are generated from the chosen method's config dataclass, so a registered method gets
 its flags without touching this file (``batch_real`` -> ``--batch-real``; booleans get ``--x/--no-x``).
@@ -111,17 +111,19 @@ def cmd_distill(argv: List[str]) -> int:
 # --------------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(argv: List[str]) -> int:
     from .data import load_dataset
-    from .evaluate import EvalConfig, evaluate_synset
+    from .evaluate import PROTOCOLS, evaluate_synset, protocol_config
     from .synset import load_synset
 
     p = argparse.ArgumentParser(prog="fastdd evaluate", description="Evaluate a distilled set (DM protocol) "
                                 "against a same-size random real subset.")
     p.add_argument("dir", help="directory written by `fastdd distill`")
     p.add_argument("--models", type=int, default=5, help="models trained per side (default 5)")
-    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--protocol", default="dm", choices=sorted(PROTOCOLS),
+                   help="dm (default) or idc (IDC/DANCE: batch 64, 1500 epochs, CutMix, best-of-checkpoints)")
+    p.add_argument("--epochs", type=int, default=None, help="(default: 1000 for dm, 1500 for idc)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="evaluation network (default: the distillation network)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None, help="(default: 256 for dm, 64 for idc)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--no-baseline", action="store_true", help="skip the random-subset baseline")
@@ -133,9 +135,10 @@ def cmd_evaluate(argv: List[str]) -> int:
     meta, config = syn["metadata"], syn["config"]
     train = load_dataset(meta["dataset"], "train", root=args.data_path)
     test = load_dataset(meta["dataset"], "test", root=args.data_path)
-    cfg = EvalConfig(model=args.model or config.get("model", "ConvNet"), num_models=args.models,
-                     epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr, dsa=args.dsa,
-                     dsa_strategy=config.get("dsa_strategy", ""))
+    given = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None}
+    cfg = protocol_config(args.protocol, model=args.model or config.get("model", "ConvNet"), num_models=args.models,
+                          seed=args.seed, lr=args.lr, dsa=args.dsa,
+                          dsa_strategy=config.get("dsa_strategy", "") if args.protocol == "dm" else "", **given)
     result = evaluate_synset(syn["images"], syn["labels"], train, test, cfg, device=args.device,
                              baseline_indices=syn.get("init_indices"), with_baseline=not args.no_baseline)
     report = result.to_dict()
@@ -178,13 +181,19 @@ def cmd_show(argv: List[str]) -> int:
     return 0
 
 
-COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show}
+def cmd_pretrain(argv: List[str]) -> int:
+    from .experts import cli_main
+
+    return cli_main(argv)
+
+
+COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show, "pretrain": cmd_pretrain}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: fastdd {distill,evaluate,show} [options]   (fastdd COMMAND --help for details)",
+        print("usage: fastdd {distill,evaluate,show,pretrain} [options]   (fastdd COMMAND --help for details)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
