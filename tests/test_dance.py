@@ -314,3 +314,18 @@ def test_low_rank_plugin_over_dance(digits_train, experts):
     from fastdd.idc import decode
 
     assert torch.allclose(s["images"], ds.normalize(decode(rebuilt, 2)), atol=1e-5)
+
+
+def test_mim_addon_over_dance_trains_heads_and_changes_the_update(digits_train, experts):
+    """--mim-weight over DANCE: the add-on's heads are trained and the images move differently."""
+    ds = small(digits_train)
+    plain = make(ds, experts, ipc=2, iterations=2).fit(progress=False)
+    mim = make(ds, experts, ipc=2, iterations=2, mim_weight=1.0)
+    assert set(mim.addons) == {"mim"}
+    heads_before = mim.state_dict()["addons"]["mim"]["heads"]
+    assert heads_before  # learned linear heads by default
+    mim.fit(progress=False)
+    assert torch.isfinite(torch.tensor(mim.last_loss))
+    assert not torch.equal(plain.synthetic_set()["images"], mim.synthetic_set()["images"])
+    after = mim.state_dict()["addons"]["mim"]["heads"]
+    assert any(not torch.equal(heads_before[k], after[k]) for k in heads_before)
