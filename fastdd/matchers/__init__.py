@@ -1,5 +1,7 @@
 """Thin, compile-friendly loss modules over fastdd's fused ops."""
+from fastdd.matchers.infonce import InfoNCEMatcher
+from fastdd.matchers.lowrank import LowRankImages
 from fastdd.matchers.mmd import MMDMatcher
 from fastdd.matchers.moments import MomentMatcher
 
-__all__ = ["MMDMatcher", "MomentMatcher"]
+__all__ = ["InfoNCEMatcher", "LowRankImages", "MMDMatcher", "MomentMatcher"]
