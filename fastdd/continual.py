@@ -21,7 +21,8 @@ Protocol (DM's CL setup, also used by the low-rank plugin paper; reference ``CL_
   (reference: 3); the report gives mean +- std per step over orders x models (reference: 15 values).
 - Random-buffer baseline: per step, ``ipc`` random real training images of each new class (the
   reference's "random" method), trained and tested identically. The baseline models start from the same
-  initialisations as the method's models (paired). ``ipc`` is the storage budget: for a plain method the
+  initialisations as the method's models (paired); the buffer is drawn and trained from its own seeds,
+  so every method run with the same seeds is compared with the very same buffer accuracies. ``ipc`` is the storage budget: for a plain method the
   buffer holds exactly as many images per class as the distilled memory; for the low-rank plugin
   (``rank`` > 0) the distilled memory holds ``lowrank_ipc(ipc, H, W, r)`` rank-r images per class in the
   storage of ``ipc`` plain images, and the buffer keeps ``ipc`` real images per class (same floats
@@ -303,22 +304,18 @@ def run_continual(
             test_seen = select_classes(test_d, seen)
             eval_seed = derived_seed(cfg.seed, order_seed, t, 2)
             ecfg = dataclasses.replace(eval_cfg, seed=eval_seed % (2 ** 31))
-            gen = torch.Generator(device=device).manual_seed(eval_seed)
             model_seeds = [derived_seed(cfg.seed, order_seed, t, 3, i) for i in range(m)]
-            sides = [(memory.images, memory.labels, model_seeds)]
+            # the buffer is trained in its own call with its own generator, so its accuracies do not depend
+            # on the method it is compared with (same seeds -> the same buffer numbers for every method)
+            sides = [(memory, torch.Generator(device=device).manual_seed(eval_seed))]
             if cfg.baseline:
-                sides.append((buffer.images, buffer.labels, model_seeds))
-            if cfg.baseline and buffer.images.shape[0] == memory.images.shape[0]:
-                x = torch.cat([memory.images.unsqueeze(0).expand(m, *memory.images.shape),
-                               buffer.images.unsqueeze(0).expand(m, *buffer.images.shape)])
-                y = torch.cat([memory.labels.unsqueeze(0).expand(m, -1), buffer.labels.unsqueeze(0).expand(m, -1)])
-                parts = [(x, y, model_seeds + model_seeds)]
-            else:  # different sizes cannot share one mini-batch schedule: train them separately
-                parts = [(sx.unsqueeze(0).expand(m, *sx.shape), sy.unsqueeze(0).expand(m, -1), s)
-                         for sx, sy, s in sides]
+                sides.append((buffer, torch.Generator(device=device).manual_seed(
+                    derived_seed(cfg.seed, order_seed, t, 4))))
             accs = torch.cat([
-                train_stacked(x, y, test_seen.images, test_seen.labels, k, ecfg, dataset_name=train.name,
-                              model_seeds=s, generator=gen) for x, y, s in parts])
+                train_stacked(mem.images.unsqueeze(0).expand(m, *mem.images.shape),
+                              mem.labels.unsqueeze(0).expand(m, -1), test_seen.images, test_seen.labels, k, ecfg,
+                              dataset_name=train.name, model_seeds=model_seeds, generator=gen)
+                for mem, gen in sides])
             accs = (accs * 100).tolist()
             eval_s = time.perf_counter() - t1
             distill_total += distill_s
