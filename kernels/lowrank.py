@@ -142,6 +142,9 @@ def lowrank_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, need_
     if H == 0 or W == 0:
         return (da.zero_() if need_a else da), (db.zero_() if need_b else db)
     bh, bw, rb, use_dot, prec = _config(a.dtype, H, W, r, bw_max=256)
+    num_warps = 4
+    if use_dot and bw >= 128:  # dX tile [BH, BW] + dB accumulator [RB, BW] + B^T [BW, RB] in registers
+        bh, num_warps = 16, 8
     n_wb = triton.cdiv(W, bw)
     split = need_a and n_wb > 1
     da_out = torch.empty((n_wb, N, C, H, r), device=a.device, dtype=_acc_dtype(a.dtype)) if split else da
@@ -150,7 +153,7 @@ def lowrank_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, need_
     grid = (P, n_wb, triton.cdiv(r, rb))
     _bwd_kernel[grid](g, a, b, da_arg, db_arg, H, W, r, P * H * r if split else 0,
                       NEED_A=need_a, NEED_B=need_b, ACC=_tl_acc(a.dtype), BH=bh, BW=bw, RB=rb, USE_DOT=use_dot,
-                      PREC=prec)
+                      PREC=prec, num_warps=num_warps)
     if split:
         da = da_out.sum(0).to(a.dtype)
     return da, db

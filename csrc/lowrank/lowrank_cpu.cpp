@@ -11,13 +11,33 @@
 //        dA[p] = dX[p] @ B[p]^T and dB[p] = A[p]^T @ dX[p] from ONE pass over dX[p]: each row i of dX
 //        is read once, giving dA[p, i, :] (a dot product with each row of B) and its rank-1 update
 //        A[p, i, :]^T dX[p, i, :] of the dB accumulator (kept in acc precision for the whole plane).
+// Ranks 1..8 are compile-time template arguments (unrolled k loops, vectorised j loops); the inner loops
+// (lowrank_cpu_kernels.h) are compiled for the default ISA and for AVX2+FMA, chosen at run time
+// (FASTDD_CPU_ISA=generic forces the former; the two differ in rounding by the use of FMA).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#define LR_KERNEL_NS generic
+#include "lowrank_cpu_kernels.h"
+#undef LR_KERNEL_NS
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX2__)
+#define FASTDD_LR_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define LR_KERNEL_NS avx2
+#include "lowrank_cpu_kernels.h"
+#undef LR_KERNEL_NS
+#pragma GCC pop_options
+#endif
 
 namespace fastdd_lowrank {
 namespace {
@@ -51,72 +71,81 @@ int64_t plane_grain(int64_t H, int64_t W, int64_t r) {
   return std::max<int64_t>(1, 16384 / work);
 }
 
-// sum_j x[j] y[j] with kLanes independent partial sums (vectorisable without -ffast-math, and a shorter
-// rounding chain than one running sum), combined pairwise; fixed order.
-constexpr int64_t kLanes = 8;
-template <typename acc_t>
-inline acc_t dot(const acc_t* x, const acc_t* y, int64_t n) {
-  acc_t part[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) part[l] += x[j + l] * y[j + l];
-  for (int64_t l = 0; j < n; ++j, ++l) part[l] += x[j] * y[j];
-  for (int64_t w = kLanes / 2; w > 0; w /= 2)
-    for (int64_t l = 0; l < w; ++l) part[l] += part[l + w];
-  return part[0];
+bool use_avx2() {
+#ifdef FASTDD_LR_AVX2
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* isa = std::getenv("FASTDD_CPU_ISA");
+  return supported && !(isa != nullptr && std::strcmp(isa, "generic") == 0);
+#else
+  return false;
+#endif
 }
 
-template <typename scalar_t>
+// B of one plane in acc precision: the input itself for float / double, else converted into `buf`.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* as_acc(const scalar_t* src, int64_t n, std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    for (int64_t t = 0; t < n; ++t) buf[t] = static_cast<acc_t>(src[t]);
+    return buf.data();
+  }
+}
+
+template <typename scalar_t, int R, bool AVX2>
 void fwd_kernel(const scalar_t* A, const scalar_t* B, scalar_t* X, int64_t P, int64_t H, int64_t W, int64_t r) {
   using acc_t = typename AccOf<scalar_t>::type;
   at::parallel_for(0, P, plane_grain(H, W, r), [&](int64_t p0, int64_t p1) {
-    std::vector<acc_t> bacc(r * W), row(W);
+    std::vector<acc_t> bbuf(std::is_same_v<scalar_t, acc_t> ? 0 : r * W), row(R > 0 ? 0 : W);
     for (int64_t p = p0; p < p1; ++p) {
-      const scalar_t* a = A + p * H * r;
-      const scalar_t* b = B + p * r * W;
-      scalar_t* x = X + p * H * W;
-      for (int64_t t = 0; t < r * W; ++t) bacc[t] = static_cast<acc_t>(b[t]);
-      for (int64_t i = 0; i < H; ++i) {
-        std::fill(row.begin(), row.end(), acc_t(0));
-        for (int64_t k = 0; k < r; ++k) {
-          const acc_t aik = static_cast<acc_t>(a[i * r + k]);
-          const acc_t* bk = bacc.data() + k * W;
-          for (int64_t j = 0; j < W; ++j) row[j] += aik * bk[j];
-        }
-        scalar_t* xi = x + i * W;
-        for (int64_t j = 0; j < W; ++j) xi[j] = static_cast<scalar_t>(row[j]);
+      const acc_t* b = as_acc<scalar_t, acc_t>(B + p * r * W, r * W, bbuf);
+#ifdef FASTDD_LR_AVX2
+      if constexpr (AVX2) {
+        avx2::fwd_plane<scalar_t, acc_t, R>(A + p * H * r, b, X + p * H * W, H, W, r, row.data());
+        continue;
       }
+#endif
+      generic::fwd_plane<scalar_t, acc_t, R>(A + p * H * r, b, X + p * H * W, H, W, r, row.data());
     }
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int R, bool AVX2>
 void bwd_kernel(const scalar_t* G, const scalar_t* A, const scalar_t* B, scalar_t* dA, scalar_t* dB, int64_t P,
                 int64_t H, int64_t W, int64_t r) {
   using acc_t = typename AccOf<scalar_t>::type;
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   at::parallel_for(0, P, plane_grain(H, W, r), [&](int64_t p0, int64_t p1) {
-    std::vector<acc_t> bacc(r * W), gb(r * W), grow(W), arow(r);
+    std::vector<acc_t> bbuf(same ? 0 : r * W), gbuf(same ? 0 : 4 * W), gb(dB != nullptr ? r * W : 0);
     for (int64_t p = p0; p < p1; ++p) {
       const scalar_t* a = A + p * H * r;
-      const scalar_t* b = B + p * r * W;
-      const scalar_t* g = G + p * H * W;
-      if (dA != nullptr)
-        for (int64_t t = 0; t < r * W; ++t) bacc[t] = static_cast<acc_t>(b[t]);
-      if (dB != nullptr) std::fill(gb.begin(), gb.end(), acc_t(0));
-      for (int64_t i = 0; i < H; ++i) {
-        const scalar_t* gi = g + i * W;
-        for (int64_t j = 0; j < W; ++j) grow[j] = static_cast<acc_t>(gi[j]);  // the one read of dX[p, i]
-        if (dA != nullptr) {
-          scalar_t* dai = dA + p * H * r + i * r;
-          for (int64_t k = 0; k < r; ++k) dai[k] = static_cast<scalar_t>(dot(grow.data(), bacc.data() + k * W, W));
-        }
-        if (dB != nullptr) {
-          for (int64_t k = 0; k < r; ++k) {
-            const acc_t aik = static_cast<acc_t>(a[i * r + k]);
-            acc_t* gbk = gb.data() + k * W;
-            for (int64_t j = 0; j < W; ++j) gbk[j] += aik * grow[j];
+      const acc_t* b = dA != nullptr ? as_acc<scalar_t, acc_t>(B + p * r * W, r * W, bbuf) : nullptr;
+      std::fill(gb.begin(), gb.end(), acc_t(0));
+      acc_t* gbp = dB != nullptr ? gb.data() : nullptr;
+      int64_t i = 0;
+      if constexpr (R > 0) {
+        for (; i + 4 <= H; i += 4) {  // four rows of dX per step, each read once
+          const acc_t* g4 = as_acc<scalar_t, acc_t>(G + (p * H + i) * W, 4 * W, gbuf);
+          scalar_t* dai = dA != nullptr ? dA + (p * H + i) * r : nullptr;
+#ifdef FASTDD_LR_AVX2
+          if constexpr (AVX2) {
+            avx2::bwd_rows4<scalar_t, acc_t, R>(g4, g4 + W, g4 + 2 * W, g4 + 3 * W, a + i * r, b, dai, gbp, W);
+            continue;
           }
+#endif
+          generic::bwd_rows4<scalar_t, acc_t, R>(g4, g4 + W, g4 + 2 * W, g4 + 3 * W, a + i * r, b, dai, gbp, W);
         }
+      }
+      for (; i < H; ++i) {
+        const acc_t* gi = as_acc<scalar_t, acc_t>(G + (p * H + i) * W, W, gbuf);  // the one read of dX[p, i]
+        scalar_t* dai = dA != nullptr ? dA + (p * H + i) * r : nullptr;
+#ifdef FASTDD_LR_AVX2
+        if constexpr (AVX2) {
+          avx2::bwd_row<scalar_t, acc_t, R>(gi, a + i * r, b, dai, gbp, W, r);
+          continue;
+        }
+#endif
+        generic::bwd_row<scalar_t, acc_t, R>(gi, a + i * r, b, dai, gbp, W, r);
       }
       if (dB != nullptr) {
         scalar_t* db = dB + p * r * W;
@@ -124,6 +153,35 @@ void bwd_kernel(const scalar_t* G, const scalar_t* A, const scalar_t* B, scalar_
       }
     }
   });
+}
+
+// Compile-time ranks 1..8 (the common ones), any other rank through the R = 0 kernels.
+template <typename F>
+void with_rank(int64_t r, bool avx2, F&& f) {
+#define LR_CASE(RR)                                      \
+  case RR:                                               \
+    if (avx2)                                            \
+      f(std::integral_constant<int, RR>{}, std::true_type{}); \
+    else                                                 \
+      f(std::integral_constant<int, RR>{}, std::false_type{}); \
+    return;
+  switch (r) {
+    LR_CASE(1)
+    LR_CASE(2)
+    LR_CASE(3)
+    LR_CASE(4)
+    LR_CASE(5)
+    LR_CASE(6)
+    LR_CASE(7)
+    LR_CASE(8)
+    default:
+      break;
+  }
+  if (avx2)
+    f(std::integral_constant<int, 0>{}, std::true_type{});
+  else
+    f(std::integral_constant<int, 0>{}, std::false_type{});
+#undef LR_CASE
 }
 
 at::Tensor lowrank_fwd(const at::Tensor& a_in, const at::Tensor& b_in) {
@@ -134,8 +192,10 @@ at::Tensor lowrank_fwd(const at::Tensor& a_in, const at::Tensor& b_in) {
   at::Tensor x = at::empty({N, C, H, W}, a.options());
   if (x.numel() == 0) return x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lowrank_fwd", [&] {
-    fwd_kernel<scalar_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), x.mutable_data_ptr<scalar_t>(),
-                         N * C, H, W, r);
+    with_rank(r, use_avx2(), [&](auto R, auto AVX2) {
+      fwd_kernel<scalar_t, decltype(R)::value, decltype(AVX2)::value>(
+          a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), x.mutable_data_ptr<scalar_t>(), N * C, H, W, r);
+    });
   });
   return x;
 }
@@ -160,9 +220,12 @@ std::tuple<at::Tensor, at::Tensor> lowrank_bwd(const at::Tensor& grad_in, const 
     return {da, db};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lowrank_bwd", [&] {
-    bwd_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-                         need_a ? da.mutable_data_ptr<scalar_t>() : nullptr,
-                         need_b ? db.mutable_data_ptr<scalar_t>() : nullptr, N * C, H, W, r);
+    with_rank(r, use_avx2(), [&](auto R, auto AVX2) {
+      bwd_kernel<scalar_t, decltype(R)::value, decltype(AVX2)::value>(
+          g.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+          need_a ? da.mutable_data_ptr<scalar_t>() : nullptr, need_b ? db.mutable_data_ptr<scalar_t>() : nullptr,
+          N * C, H, W, r);
+    });
   });
   return {da, db};
 }

@@ -49,6 +49,19 @@ class MethodConfig:
     dsa_strategy: str = ""  # "" picks the dataset default (fastdd.augment.dsa_strategy_for)
     rank: int = 0  # low-rank plugin: 0 = plain images; r >= 1 = each channel stored as A[H,r] @ B[r,W]
     rank_rounding: str = "code"  # images per class at the same storage: "code" (reference) or "readme"
+    # ---- MIM4DD add-on (fastdd.methods.mim4dd; every choice unverified, see its docstring) ----
+    mim_weight: float = 0.0  # weight of the mutual-information term; 0 = add-on off
+    mim_temperature: float = 0.1  # InfoNCE temperature tau
+    mim_form: str = "supcon"  # "supcon" (multi-positive InfoNCE) | "nce" (CRD binary critic)
+    mim_layers: str = "all"  # "all" (every conv block's tap) | "last" (the embedding)
+    mim_pool: str = "mean"  # global average pool of each tap before the head (flatten: infeasible)
+    mim_head: str = "linear"  # "linear" (learned per-layer heads to mim_dim, L2-normalised) | "none"
+    mim_dim: int = 128  # head output width
+    mim_lr: float = 0.05  # SGD (momentum 0.9) learning rate of the heads
+    mim_symmetric: bool = False  # also real anchors (both directions)
+    mim_shared_head: bool = False  # one head per layer for both sides (default: separate real / syn heads)
+    mim_layer_reduction: str = "sum"  # "sum" | "mean" over layers
+    # ---- end MIM4DD add-on ----
 
     def validate(self) -> None:
         check_positive_int("ipc", self.ipc)
@@ -61,6 +74,9 @@ class MethodConfig:
         check_positive_int("rank", self.rank, minimum=0)
         if self.rank_rounding not in ("code", "readme"):
             raise ValueError(f"rank_rounding: expected 'code' or 'readme', got {self.rank_rounding!r}")
+        from .mim4dd import validate_mim_config  # MIM4DD add-on fields
+
+        validate_mim_config(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,8 +8,8 @@ Contract
 --------
 * ``lowrank_reconstruct(A, B) -> X`` in the input dtype; every backend accumulates in fp32 (fp64 for
   fp64 inputs). Backward (spec 1.2): ``dA = dX @ B^T`` [N, C, H, r] and ``dB = A^T @ dX`` [N, C, r, W],
-  computed by one fused kernel that reads ``dX`` once (for r <= 16 (Triton: <= 32, C++: any r); larger
-  ranks are processed in rank chunks, each reading ``dX`` once more).
+  computed by one fused kernel that reads ``dX`` once: C++ for any r; CUDA for r <= 16 and Triton for
+  r <= 32 (fp64: 8), larger ranks being processed in rank chunks that each read ``dX`` once more.
 * ``lowrank_project(images, rank) -> (A, B)``: the best rank-r approximation of every (n, c) plane
   (Eckart-Young) from a batched truncated SVD, split symmetrically ``A = U_r sqrt(S_r)``,
   ``B = sqrt(S_r) V_r^T``. ``rank > min(H, W)`` is an error (not clamped: a silently smaller rank would

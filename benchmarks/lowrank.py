@@ -1,0 +1,137 @@
+"""Benchmark of the low-rank reconstruction op (fastdd/ops/lowrank.py) against torch eager and torch.compile.
+
+    python benchmarks/lowrank.py [--quick] [--device cpu|cuda] [--dtype float32 ...] [--threads N]
+                                 [--sizes cifar-500 ...] [--ranks 2 4 8] [--results DIR]
+
+Providers: ``fastdd-<backend>`` for every fastdd backend that can run on the device (cpp and torch on
+CPU; triton, cuda and torch on CUDA), ``torch-eager`` (plain ``A @ B`` and its autograd backward, two
+batched GEMMs) and ``torch-compile`` (``torch.compile`` of ``A @ B``; compile time excluded by the
+warm-up). Modes: fwd, bwd, fwd+bwd, with both factors requiring gradients (the training step of spec
+1.2). Sizes: CIFAR (N = 500 or 5000 images x 3 x 32 x 32; CIFAR-10 at IPC 50 with r = 2 is 10 x 400 =
+4000 images) and ImageNet (N = 100 x 3 x 224 x 224); ranks r = 2, 4, 8.
+
+Byte count (minimum traffic; for GB/s and the fraction of the measured copy bandwidth), itemsize b,
+P = N * C planes, F = P * r * (H + W) factor elements, X = P * H * W image elements:
+  fwd      (F + X) * b        read A and B once, write X
+  bwd      (X + 2 F) * b      read dX once (the fused kernel's point), read A and B, write dA and dB
+  fwd+bwd  the sum of both
+torch eager's backward is two GEMMs, each reading dX, so its actual traffic is ~2 X b in bwd.
+
+With ``--threads 1`` on CPU the notes column also carries the median CPU time of the (only) thread: on
+a shared machine that is the trustworthy figure (wall-clock medians include preemption).
+
+Results are appended to benchmarks/results/lowrank.csv and benchmarks/results/lowrank.md is regenerated.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402  (also puts the repository root on sys.path)
+
+from fastdd.ops import lowrank as ops  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+SIZES = {
+    "cifar-500": dict(n=500, c=3, h=32, w=32),
+    "cifar-5000": dict(n=5000, c=3, h=32, w=32),
+    "imagenet-100": dict(n=100, c=3, h=224, w=224),
+}
+QUICK_SIZES = ["cifar-500", "imagenet-100"]
+
+
+def make_inputs(size: str, rank: int, device, dtype):
+    cfg = SIZES[size]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(cfg["n"], cfg["c"], cfg["h"], rank, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(cfg["n"], cfg["c"], rank, cfg["w"], generator=g).to(device=device, dtype=dtype)
+    return a.requires_grad_(True), b.requires_grad_(True)
+
+
+def byte_count(size: str, rank: int, mode: str, itemsize: int) -> int:
+    cfg = SIZES[size]
+    planes = cfg["n"] * cfg["c"]
+    factors = planes * rank * (cfg["h"] + cfg["w"])
+    image = planes * cfg["h"] * cfg["w"]
+    fwd = (factors + image) * itemsize
+    bwd = (image + 2 * factors) * itemsize
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def _matmul(a, b):
+    return a @ b
+
+
+def providers(device):
+    out = []
+    for backend in H.fastdd_backends("lowrank_fwd", device):
+        out.append((f"fastdd-{backend}", lambda a, b, be=backend: ops.lowrank_reconstruct(a, b, backend=be)))
+    out.append(("torch-eager", _matmul))
+    out.append(("torch-compile", torch.compile(_matmul, dynamic=False)))
+    return out
+
+
+def run(args) -> list:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = args.sizes or (QUICK_SIZES if args.quick else list(SIZES))
+    rows = []
+    print(f"device: {H.device_name(device)}; copy bandwidth {H.copy_bandwidth(device):.1f} GB/s", flush=True)
+    provs = providers(device)
+    for dtype_name in args.dtype:
+        dtype = getattr(torch, dtype_name)
+        for size in sizes:
+            for rank in args.ranks:
+                a, b = make_inputs(size, rank, device, dtype)
+                label = f"{size}-r{rank}"
+                for mode in H.MODES:
+                    for name, fn in provs:
+                        t0 = time.perf_counter()
+                        call = lambda fn=fn: fn(a, b)  # noqa: E731
+                        notes = f"threads={torch.get_num_threads()}" if device.type == "cpu" else ""
+                        if device.type == "cpu" and torch.get_num_threads() == 1:
+                            cpu = H.cpu_time_ms(H.make_call(call, [a, b], mode), runs=5 if args.quick else 15)
+                            notes = f"threads=1; main-thread cpu median {cpu:.3f} ms"
+                        row = H.measure(
+                            op="lowrank_reconstruct", provider=name, mode=mode, size=label, dtype=dtype,
+                            device=device, fn=call, inputs=[a, b],
+                            nbytes=byte_count(size, rank, mode, a.element_size()), quick=args.quick,
+                            min_run_time=0.2 if args.quick else 1.0, notes=notes,
+                        )
+                        rows.append(row)
+                        print(f"{label:18s} {mode:8s} {name:14s} {row['median_ms']:10.3f} ms "
+                              f"(p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}) {row['gbps']:7.2f} GB/s "
+                              f"({row['bw_fraction']} of copy) peak {row['peak_mem_mb']} MiB "
+                              f"[{time.perf_counter() - t0:.1f}s]", flush=True)
+                del a, b
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter timing budgets, CIFAR-500 and ImageNet only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None)
+    parser.add_argument("--ranks", nargs="+", type=int, default=[2, 4, 8])
+    parser.add_argument("--results", default=RESULTS, help="folder of lowrank.csv / lowrank.md (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    rows = run(args)
+    csv_path, md_path = os.path.join(args.results, "lowrank.csv"), os.path.join(args.results, "lowrank.md")
+    H.append_rows(csv_path, rows)
+    H.write_markdown(csv_path, md_path, "Low-rank reconstruction (fastdd/ops/lowrank.py)")
+    print(f"appended {len(rows)} rows to {csv_path}; wrote {md_path}")
+
+
+if __name__ == "__main__":
+    main()

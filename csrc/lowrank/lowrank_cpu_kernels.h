@@ -1,0 +1,147 @@
+// Inner loops of the CPU low-rank kernels (see lowrank_cpu.cpp for the contracts).
+//
+// Included twice by lowrank_cpu.cpp: once as namespace `generic` (the build's default ISA) and once as
+// namespace `avx2` inside `#pragma GCC target("avx2,fma")`; lowrank_cpu.cpp picks one at run time (as
+// csrc/feature_moments does). No include guard on purpose.
+//
+// Per plane: a [H, r] (input dtype), b [r, W] and g [H, W] rows already in the accumulation type acc_t.
+// R > 0 is a compile-time rank (the k loops unroll and the j loops vectorise); R == 0 handles any r.
+#ifndef LR_KERNEL_NS
+#error "lowrank_cpu_kernels.h is included by lowrank_cpu.cpp with LR_KERNEL_NS defined"
+#endif
+
+namespace fastdd_lowrank {
+namespace LR_KERNEL_NS {
+
+// x[i, :] = sum_k a[i, k] b[k, :] for every row i of one plane; row: scratch of W acc_t (R == 0 only).
+template <typename scalar_t, typename acc_t, int R>
+inline void fwd_plane(const scalar_t* a, const acc_t* b, scalar_t* x, int64_t H, int64_t W, int64_t r, acc_t* row) {
+  if constexpr (R > 0) {
+    int64_t i = 0;
+    for (; i + 4 <= H; i += 4) {  // four rows share each load of b
+      acc_t av[4][R];
+      for (int t = 0; t < 4; ++t)
+        for (int k = 0; k < R; ++k) av[t][k] = static_cast<acc_t>(a[(i + t) * R + k]);
+      scalar_t* x0 = x + i * W;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) {
+        acc_t s0 = av[0][0] * b[j], s1 = av[1][0] * b[j], s2 = av[2][0] * b[j], s3 = av[3][0] * b[j];
+        for (int k = 1; k < R; ++k) {
+          const acc_t bk = b[k * W + j];
+          s0 += av[0][k] * bk;
+          s1 += av[1][k] * bk;
+          s2 += av[2][k] * bk;
+          s3 += av[3][k] * bk;
+        }
+        x0[j] = static_cast<scalar_t>(s0);
+        x0[W + j] = static_cast<scalar_t>(s1);
+        x0[2 * W + j] = static_cast<scalar_t>(s2);
+        x0[3 * W + j] = static_cast<scalar_t>(s3);
+      }
+    }
+    for (; i < H; ++i) {
+      acc_t av[R];
+      for (int k = 0; k < R; ++k) av[k] = static_cast<acc_t>(a[i * R + k]);
+      scalar_t* xi = x + i * W;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) {
+        acc_t s = av[0] * b[j];
+        for (int k = 1; k < R; ++k) s += av[k] * b[k * W + j];
+        xi[j] = static_cast<scalar_t>(s);
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < H; ++i) {
+      for (int64_t j = 0; j < W; ++j) row[j] = acc_t(0);
+      for (int64_t k = 0; k < r; ++k) {
+        const acc_t aik = static_cast<acc_t>(a[i * r + k]);
+        const acc_t* bk = b + k * W;
+#pragma omp simd
+        for (int64_t j = 0; j < W; ++j) row[j] += aik * bk[j];
+      }
+      scalar_t* xi = x + i * W;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) xi[j] = static_cast<scalar_t>(row[j]);
+    }
+  }
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* x, const acc_t* y, int64_t n) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += x[j] * y[j];
+  return s;
+}
+
+// dai[k] = sum_j gi[j] b[k, j] for k < R in one pass over gi: kLanes partial sums per k (one vector
+// register each), combined in a fixed order at the end.
+constexpr int kLanes = 8;
+template <typename scalar_t, typename acc_t, int R>
+inline void row_dots(const acc_t* gi, const acc_t* b, scalar_t* dai, int64_t W) {
+  acc_t part[R][kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= W; j += kLanes) {
+    for (int k = 0; k < R; ++k) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) part[k][l] += gi[j + l] * b[k * W + j + l];
+    }
+  }
+  for (int l = 0; j < W; ++j, ++l)
+    for (int k = 0; k < R; ++k) part[k][l] += gi[j] * b[k * W + j];
+  for (int k = 0; k < R; ++k) {
+    acc_t s = 0;
+    for (int l = 0; l < kLanes; ++l) s += part[k][l];
+    dai[k] = static_cast<scalar_t>(s);
+  }
+}
+
+// Four rows of the fused backward at once (compile-time rank R): g0..g3 = dX rows i..i+3 (read once),
+// ai = A[i, :] (rows i..i+3 follow at stride R), dai = dA[i, :] or null, gb [R, W] the dB accumulator or
+// null. Blocking four rows cuts the read-modify-write traffic of gb by four.
+template <typename scalar_t, typename acc_t, int R>
+inline void bwd_rows4(const acc_t* g0, const acc_t* g1, const acc_t* g2, const acc_t* g3, const scalar_t* ai,
+                      const acc_t* b, scalar_t* dai, acc_t* gb, int64_t W) {
+  if (dai != nullptr) {
+    row_dots<scalar_t, acc_t, R>(g0, b, dai, W);
+    row_dots<scalar_t, acc_t, R>(g1, b, dai + R, W);
+    row_dots<scalar_t, acc_t, R>(g2, b, dai + 2 * R, W);
+    row_dots<scalar_t, acc_t, R>(g3, b, dai + 3 * R, W);
+  }
+  if (gb != nullptr) {
+    for (int k = 0; k < R; ++k) {
+      const acc_t a0 = static_cast<acc_t>(ai[k]), a1 = static_cast<acc_t>(ai[R + k]);
+      const acc_t a2 = static_cast<acc_t>(ai[2 * R + k]), a3 = static_cast<acc_t>(ai[3 * R + k]);
+      acc_t* gbk = gb + k * W;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) gbk[j] += (a0 * g0[j] + a1 * g1[j]) + (a2 * g2[j] + a3 * g3[j]);
+    }
+  }
+}
+
+
+// One row i of the fused backward: gi = dX[i, :] (read once by the caller), dai = dA[i, :] (or null),
+// gb [r, W] the dB accumulator of the plane (or null).
+template <typename scalar_t, typename acc_t, int R>
+inline void bwd_row(const acc_t* gi, const scalar_t* ai, const acc_t* b, scalar_t* dai, acc_t* gb, int64_t W,
+                    int64_t r_runtime) {
+  const int64_t r = R > 0 ? R : r_runtime;
+  if (dai != nullptr) {
+    if constexpr (R > 0)
+      row_dots<scalar_t, acc_t, R>(gi, b, dai, W);
+    else
+      for (int64_t k = 0; k < r; ++k) dai[k] = static_cast<scalar_t>(dot(gi, b + k * W, W));
+  }
+  if (gb != nullptr) {
+    for (int64_t k = 0; k < r; ++k) {
+      const acc_t aik = static_cast<acc_t>(ai[k]);
+      acc_t* gbk = gb + k * W;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) gbk[j] += aik * gi[j];
+    }
+  }
+}
+
+
+}  // namespace LR_KERNEL_NS
+}  // namespace fastdd_lowrank
