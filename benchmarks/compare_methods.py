@@ -207,7 +207,7 @@ def markdown(rows, args, env) -> str:
              f"Budget: {args.iterations} iterations, batch_real {args.batch_real}, seed {args.seed} for every method. "
              f"Evaluation: DM protocol, ConvNet, {args.models} models x {args.epochs} epochs, "
              f"{rows[0]['test_images'] if rows else '-'} test images; accuracy % mean ± std over the models. "
-             f"Produced by `python benchmarks/compare_methods.py{' --quick' if args.quick else ''}`.", "",
+             f"Produced by `python benchmarks/compare_methods.py {' '.join(sys.argv[1:])}`.", "",
              "| IPC | method | images/class | accuracy % | stored floats (plain set) | distil s | eval s | "
              "pretrain s | note |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -116,7 +116,7 @@ def markdown(results, skipped, args, env) -> str:
              f"(storage budget per class), {args.iterations} iterations x batch_real {args.batch_real} per step, "
              f"{args.model}, DM-protocol evaluation {args.epochs} epochs, {args.test_per_class} test images per "
              f"class. Accuracy % on the seen classes, mean ± std over orders x models. "
-             f"Produced by `python benchmarks/continual.py{' --quick' if args.quick else ''}`.", ""]
+             f"Produced by `python benchmarks/continual.py {' '.join(sys.argv[1:])}`.", ""]
     if not labels:
         return "\n".join(lines + ["no method ran"]) + "\n"
     first = results[labels[0]]
