@@ -1,4 +1,4 @@
-"""The ``fastdd`` command line: ``distill``, ``evaluate``, ``show``, ``pretrain`` (DANCE experts).
+"""The ``fastdd`` command line: ``distill``, ``evaluate``, ``show``, ``pretrain`` (DANCE experts), ``continual``.
 
 Method options are generated from the chosen method's config dataclass, so a registered method gets
 its flags without touching this file (``batch_real`` -> ``--batch-real``; booleans get ``--x/--no-x``).
@@ -149,6 +149,85 @@ def cmd_evaluate(argv: List[str]) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- continual
+def _continual_parser(method_name: str) -> argparse.ArgumentParser:
+    from . import methods
+
+    cls = methods.get(method_name)
+    p = argparse.ArgumentParser(prog="fastdd continual", description=(
+        f"Class-incremental learning with per-step sets distilled by {method_name} vs a random buffer "
+        "(see fastdd.continual)."))
+    p.add_argument("--method", default="dm", help=f"one of {methods.names()}")
+    p.add_argument("--dataset", required=True, help="dataset name (see `fastdd show datasets`)")
+    p.add_argument("--data-path", default=None, help="directory holding the dataset")
+    p.add_argument("--out", required=True, help="output directory (continual.json, continual.md)")
+    p.add_argument("--device", default=_default_device(), help="cpu or cuda (default: cuda where available)")
+    p.add_argument("--orders", type=int, default=5, help="class orders, seeds 0..N-1 (default 5)")
+    p.add_argument("--order-seeds", type=int, nargs="+", default=None, help="explicit order seeds")
+    p.add_argument("--order-source", default="numpy", choices=("numpy", "torch"),
+                   help="numpy: the reference's orders (RandomState(s).permutation); torch: randperm")
+    p.add_argument("--classes-per-step", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=0, help="run only the first N steps (0: all)")
+    p.add_argument("--buffer-source", default="random", choices=("random", "init"),
+                   help="random buffer: fresh random real images, or a real-initialised set's init images")
+    p.add_argument("--no-baseline", action="store_true", help="skip the random buffer")
+    p.add_argument("--epochs", type=int, default=1000, help="evaluation epochs (DM protocol)")
+    p.add_argument("--models", type=int, default=3, help="evaluation models per order and step (default 3)")
+    p.add_argument("--eval-model", default=None, help="evaluation network (default: the method's --model)")
+    p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--eval-lr", type=float, default=0.01)
+    p.add_argument("--faithful-epochs", action=argparse.BooleanOptionalAction, default=True,
+                   help="reference loop (epochs + 1 passes, decay after epochs//2 + 1)")
+    p.add_argument("--train-per-class", type=int, default=0, help="subsample N training images per class (0: all)")
+    p.add_argument("--test-per-class", type=int, default=0, help="subsample N test images per class (0: all)")
+    p.add_argument("--progress", action="store_true", help="progress bars during distillation")
+    _add_config_options(p, cls.config_cls)
+    return p
+
+
+def cmd_continual(argv: List[str]) -> int:
+    from . import __version__, methods
+    from .checkpoint import atomic_write
+    from .continual import ContinualConfig, format_table, run_continual, stratified_subset
+    from .data import load_dataset
+    from .evaluate import EvalConfig
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="dm")
+    known, _ = pre.parse_known_args(argv)
+    args = _continual_parser(known.method).parse_args(argv)
+    cls = methods.get(args.method)
+    config = _config_from_args(cls.config_cls, args)
+    train = load_dataset(args.dataset, "train", root=args.data_path)
+    test = load_dataset(args.dataset, "test", root=args.data_path)
+    if args.train_per_class:
+        train = stratified_subset(train, args.train_per_class, torch.Generator().manual_seed(config.seed))
+    if args.test_per_class:
+        test = stratified_subset(test, args.test_per_class)
+    cl = ContinualConfig(classes_per_step=args.classes_per_step, orders=args.orders, order_seeds=args.order_seeds,
+                         order_source=args.order_source, max_steps=args.max_steps, seed=config.seed,
+                         baseline=not args.no_baseline, buffer_source=args.buffer_source)
+    ev = EvalConfig(model=args.eval_model or config.model, num_models=args.models, epochs=args.epochs,
+                    batch_size=args.eval_batch_size, lr=args.eval_lr, faithful_epochs=args.faithful_epochs,
+                    dsa_strategy=config.dsa_strategy)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_continual(args.method, config, train, test, cl, ev, device=args.device,
+                           log=lambda s: print(s, flush=True), progress=args.progress)
+    result.update(fastdd_version=__version__, torch_version=str(torch.__version__),
+                  train_images=len(train), test_images=len(test),
+                  written=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    table = format_table(result)
+    atomic_write(out / "continual.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    atomic_write(out / "continual.md", lambda tmp: Path(tmp).write_text(
+        f"# Continual learning: {cls.name} vs random buffer on {train.name}, IPC {config.ipc}\n\n"
+        f"Accuracy (%) on the test images of the seen classes, mean ± std over "
+        f"{len(result['orders'])} orders x {args.models} models.\n\n{table}\n"))
+    print(table)
+    print(f"wrote {out / 'continual.json'} ({result['timings']['total_seconds']:.0f} s)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- show
 def cmd_show(argv: List[str]) -> int:
     from . import methods
@@ -187,13 +266,14 @@ def cmd_pretrain(argv: List[str]) -> int:
     return cli_main(argv)
 
 
-COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show, "pretrain": cmd_pretrain}
+COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show, "pretrain": cmd_pretrain,
+            "continual": cmd_continual}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: fastdd {distill,evaluate,show,pretrain} [options]   (fastdd COMMAND --help for details)",
+        print("usage: fastdd {distill,evaluate,show,pretrain,continual} [options]   (fastdd COMMAND --help for details)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
