@@ -44,6 +44,14 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
+import torch._dynamo
+
+# The benchmarks reuse one ``torch.compile`` object across many shapes (dynamic=False): past dynamo's
+# recompile limit (8 by default) it silently falls back to eager, and a "torch-compile" row would time
+# eager code. Raise the limit well above the largest grid.
+for _name in ("recompile_limit", "cache_size_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, 256)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # run as `python benchmarks/<op>.py` from a source tree

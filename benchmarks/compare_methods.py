@@ -47,6 +47,7 @@ from fastdd import methods  # noqa: E402
 from fastdd.continual import stratified_subset  # noqa: E402
 from fastdd.data import ClassSampler, load_dataset  # noqa: E402
 from fastdd.evaluate import EvalConfig, evaluate_synset  # noqa: E402
+from fastdd.synset import stored_floats, synset_images  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 COLUMNS = ("method", "variant", "ipc", "images_per_class", "iterations", "batch_real", "accuracy_mean",
@@ -56,7 +57,8 @@ COLUMNS = ("method", "variant", "ipc", "images_per_class", "iterations", "batch_
 # (label, method name, config overrides, fallback (method, overrides) when the method is not registered)
 ROWS = [
     ("dm", "dm", {}, None),
-    ("dance", "dance", {"experts": "<experts>"}, None),
+    ("dance", "dance", {"experts": "<experts>", "num_premodel": "<pretrain_models>"}, None),
+    ("dance factor 2", "dance", {"experts": "<experts>", "num_premodel": "<pretrain_models>", "factor": 2}, None),
     ("ddm", "ddm", {}, None),
     ("mim4dd", "mim4dd", {}, ("dm", {"mim_weight": 1.0})),
     ("dm rank 2", "dm", {"rank": 2}, None),
@@ -156,24 +158,27 @@ def main(argv=None) -> int:
                         pretrain_s = pretrain_experts(args, experts)
                     ov["experts"] = experts
                     row["pretrain_s"] = pretrain_s
+                if ov.get("num_premodel") == "<pretrain_models>":
+                    ov["num_premodel"] = args.pretrain_models
                 cfg = cls.config_cls(ipc=ipc, iterations=args.iterations, batch_real=args.batch_real,
                                      seed=args.seed, **ov)
                 start = time.perf_counter()
                 method = cls(cfg, train, device=args.device).fit(progress=False)
                 distill_s = time.perf_counter() - start
                 syn = method.synthetic_set()
-                with torch.no_grad():
-                    images = method.images.detach().float().cpu()
-                res = evaluate_synset(images, method.labels.cpu(), train, test, ev, device=args.device,
+                # the training images of the saved set: decoded ones for DANCE (IPC*f^2 per class, normalised
+                # space), the factors' reconstruction for a low-rank set, else the images themselves
+                images = synset_images(syn).float()
+                res = evaluate_synset(images, syn["labels"], train, test, ev, device=args.device,
                                       with_baseline=False).to_dict()
             except Exception as exc:  # a broken method must not hide the others' rows
                 rows.append(dict(row, status=f"failed: {type(exc).__name__}: {exc}"))
                 print(f"IPC {ipc} {label}: FAILED {exc!r}", flush=True)
                 continue
-            stored = sum(v.numel() for v in syn.values() if v.is_floating_point())
-            rows.append(dict(row, variant=note or " ".join(f"{k}={v}" for k, v in overrides.items()
-                                                          if k != "experts"),
-                             images_per_class=method.images_per_class, accuracy_mean=res["accuracy_mean"],
+            stored = stored_floats(syn)
+            rows.append(dict(row, variant=note or " ".join(f"{k}={v}" for k, v in ov.items() if k != "experts"),
+                             images_per_class=int(syn["labels"].numel()) // train.num_classes,
+                             accuracy_mean=res["accuracy_mean"],
                              accuracy_std=res["accuracy_std"], stored_floats=stored, distill_s=distill_s,
                              eval_s=res["seconds"], status="ok"))
             print(f"IPC {ipc} {label}: {res['accuracy_mean']:.2f} ± {res['accuracy_std']:.2f}  "

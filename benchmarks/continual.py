@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,7 @@ from _harness import environment  # noqa: E402
 from fastdd import methods  # noqa: E402
 from fastdd.continual import ContinualConfig, run_continual, stratified_subset  # noqa: E402
 from fastdd.data import load_dataset  # noqa: E402
+from fastdd.checkpoint import atomic_write  # noqa: E402
 from fastdd.evaluate import EvalConfig  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -97,11 +99,13 @@ def main(argv=None) -> int:
     if not args.no_write:
         os.makedirs(RESULTS, exist_ok=True)
         path = os.path.join(RESULTS, "continual.json")
-        runs = json.load(open(path)) if os.path.exists(path) else []
+        runs = []
+        if os.path.exists(path):
+            with open(path) as fh:
+                runs = json.load(fh)
         runs.append({"environment": env, "quick": args.quick, "args": vars(args), "skipped": skipped,
                      "results": results})
-        with open(path, "w") as fh:
-            json.dump(runs, fh, indent=1)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(runs, indent=1)))
         with open(os.path.join(RESULTS, "continual.md"), "a") as fh:
             fh.write(md + "\n")
     return 0

@@ -38,14 +38,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .data import ClassSampler, ImageDataset
 from .evaluate import EvalConfig, train_stacked
+from .synset import stored_floats, synset_images
 from .validation import check_positive_int
 
 
@@ -202,11 +203,6 @@ def _mean_std(values: Sequence[float]):
     return float(t.mean()), float(t.std(unbiased=False)) if t.numel() > 1 else 0.0
 
 
-def _stored_floats(tensors: Dict[str, torch.Tensor]) -> int:
-    """Floats a saved set stores (images or low-rank factors; labels and indices not counted)."""
-    return int(sum(v.numel() for k, v in tensors.items() if v.is_floating_point()))
-
-
 def check_inputs(train: ImageDataset, test: ImageDataset, cfg: ContinualConfig, ipc: int) -> None:
     """Raise a clear error for protocol settings the data cannot satisfy."""
     cfg.validate()
@@ -284,11 +280,11 @@ def run_continual(
             method = cls(mcfg, sub, device=device).fit(progress=progress)
             tensors = method.synthetic_set()
             mapping = torch.tensor(new, device=device)
-            with torch.no_grad():
-                images = method.images.detach().float()
-            memory.add(images, mapping[method.labels.to(device)])
+            # the saved set's training images: decoded for DANCE, reconstructed for a low-rank set
+            images = synset_images(tensors).float().to(device)
+            memory.add(images, mapping[tensors["labels"].to(device)])
             distill_s = time.perf_counter() - t0
-            stored = _stored_floats(tensors)
+            stored = stored_floats(tensors)
             # ---- the random buffer for the same classes
             if cfg.baseline:
                 g = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, order_seed, t, 1))

@@ -59,6 +59,14 @@ def synset_images(tensors: dict) -> torch.Tensor:
     raise ValueError("synthetic set: has neither 'images' nor the low-rank factors 'factor_a'/'factor_b'")
 
 
+def stored_floats(tensors: dict) -> int:
+    """Floats a set needs to store: the low-rank factors, else a stored (not decoded) tensor such as
+    DANCE's ``stored_images``, else the images; labels and indices are not counted."""
+    if "factor_a" in tensors and "factor_b" in tensors:
+        return int(tensors["factor_a"].numel() + tensors["factor_b"].numel())
+    return int(tensors.get("stored_images", tensors.get("images")).numel())
+
+
 def load_synset(path: str | os.PathLike) -> dict:
     """Load ``synthetic.pt`` (a directory or the file) as the plain dict described above; a low-rank set
     gets its ``images`` reconstructed from the stored factors (the factors stay in the dict)."""

@@ -197,7 +197,7 @@ def test_saved_set_holds_decoded_images_and_stored_tensor(digits_train, experts)
 def test_normalized_storage_is_not_clamped(digits_train, experts):
     m = make(small(digits_train), experts, storage="normalized")
     assert float(m.synth.images.min()) < 0  # normalised space
-    assert m.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / m.dataset.std[0])
+    assert m.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / m.dataset.std[0] ** 2)  # same step per pixel
     m.fit(progress=False)
     s = m.synthetic_set()
     assert torch.allclose(s["images"], s["stored_images"])
@@ -257,7 +257,7 @@ def test_dance_beats_its_initial_real_subset_on_fashion_mnist(tmp_path, fmnist):
                            tmp_path / "exp", progress=False)
     t1 = time.perf_counter()
     cfg = DANCEConfig(experts=str(exp), num_premodel=2, ipc=1, iterations=ITER_FM, batch_real=16, lr_img=LR_FM,
-                      init_order="random")
+                      init_order="random", model="ConvNetW32")
     m = DANCE(cfg, train).fit(progress=False)
     t2 = time.perf_counter()
     s = m.synthetic_set()
@@ -316,11 +316,21 @@ def test_low_rank_plugin_over_dance(digits_train, experts):
     assert torch.allclose(s["images"], ds.normalize(decode(rebuilt, 2)), atol=1e-5)
 
 
-def test_mim_addon_over_dance_trains_heads_and_changes_the_update(digits_train, experts):
-    """--mim-weight over DANCE: the add-on's heads are trained and the images move differently."""
+@pytest.mark.parametrize("form", ["supcon", "nce"])
+@pytest.mark.parametrize("step_mode", ["per_class", "batched"])
+def test_mim_addon_over_dance_trains_heads_and_changes_the_update(digits_train, experts, form, step_mode):
+    """--mim-weight over DANCE: the add-on's heads are trained and the images move differently. In the
+    per-class step mode the add-on contrasts the class's synthetic images with the real images of every
+    class (a one-class contrast would have no negatives: the NCE form would then be exactly 0)."""
     ds = small(digits_train)
-    plain = make(ds, experts, ipc=2, iterations=2).fit(progress=False)
-    mim = make(ds, experts, ipc=2, iterations=2, mim_weight=1.0)
+    plain = make(ds, experts, ipc=2, iterations=2, step_mode=step_mode).fit(progress=False)
+    mim = make(ds, experts, ipc=2, iterations=2, mim_weight=1.0, mim_form=form, step_mode=step_mode)
+    real, real_labels = mim.sampler.sample(4, torch.Generator().manual_seed(1))
+    emb, taps, labels = mim._real_features_all(real, real_labels)
+    syn = mim._class_syn(3)
+    syn_emb, syn_taps = mim._embed(syn)
+    term = mim.addon_loss(emb, taps, labels, syn_emb, syn_taps, torch.full((syn.shape[0],), 3))
+    assert float(term) > 0 and torch.autograd.grad(term, mim.synth.images)[0].abs().sum() > 0
     assert set(mim.addons) == {"mim"}
     heads_before = mim.state_dict()["addons"]["mim"]["heads"]
     assert heads_before  # learned linear heads by default
@@ -329,3 +339,25 @@ def test_mim_addon_over_dance_trains_heads_and_changes_the_update(digits_train, 
     assert not torch.equal(plain.synthetic_set()["images"], mim.synthetic_set()["images"])
     after = mim.state_dict()["addons"]["mim"]["heads"]
     assert any(not torch.equal(heads_before[k], after[k]) for k in heads_before)
+
+
+def test_low_rank_noise_init_starts_inside_the_pixel_range(digits_train, experts):
+    """rank > 0 with noise init projects DANCE's own N(0,1)/4 + 0.5 images: the pixel clamp clips few pixels."""
+    m = make(small(digits_train), experts, rank=2, init="noise")
+    x = m.images.detach()
+    assert float(((x < 0) | (x > 1)).float().mean()) < 0.1
+
+
+def test_experts_architecture_must_match_the_model_option(digits_train, experts):
+    with pytest.raises(ValueError, match="model: 'ConvNetW32' differs from the experts' architecture 'ConvNet'"):
+        make(small(digits_train), experts, model="ConvNetW32")
+
+
+def test_saved_stored_tensor_is_clamped_and_decodes_to_the_saved_images(digits_train, experts):
+    from fastdd.idc import decode
+
+    ds = small(digits_train)
+    m = make(ds, experts, factor=2, lr_img=5.0).fit(progress=False)  # a large step leaves [0, 1] before the clamp
+    s = m.synthetic_set()
+    assert float(s["stored_images"].min()) >= 0 and float(s["stored_images"].max()) <= 1
+    torch.testing.assert_close(s["images"], ds.normalize(decode(s["stored_images"], 2)), rtol=1e-5, atol=1e-5)

@@ -29,9 +29,10 @@ Per iteration:
   iteration, and the dataset normalisation is applied inside the augmentation pipeline;
 * ``"normalized"``: stored in the dataset's normalised space (as DM), never clamped.
 
-``lr_img = 0`` (default) means the reference setting ``0.01 * ipc`` for the pixel storage (its images are
-~1/std larger in normalised units, so for ``"normalized"`` the same default is scaled by 1/std of the
-first channel to keep the step size per pixel); any positive value is used as given.
+``lr_img = 0`` (default) means the reference setting ``0.01 * ipc`` for the pixel storage; for
+``"normalized"`` it is divided by std² of the first channel, which gives the same step per pixel: with
+x = (p - m) / s the gradient is dL/dx = s dL/dp and a step lr_x dL/dx moves the pixel by s² lr_x dL/dp.
+Any positive value is used as given.
 
 Multi-formation ``factor`` f: every stored image decodes into f^2 training images (:func:`fastdd.idc.decode`);
 with ``init="real"`` and f > 1 the stored images are mosaics of ``ipc * f^2`` real images per class
@@ -91,7 +92,7 @@ class DANCEConfig(MethodConfig):
         if self.lr_img > 0:
             return self.lr_img
         base = 0.01 * self.ipc
-        return base if self.storage == "pixel" else base / std0
+        return base if self.storage == "pixel" else base / std0 ** 2
 
     def validate(self) -> None:
         import dataclasses as _dc
@@ -136,6 +137,9 @@ class DANCE(Method):
                           ("image_size", list(ds.image_size))):
             if self.meta[key] != mine:
                 raise ValueError(f"experts: trained for {key}={self.meta[key]!r} but the dataset has {mine!r}")
+        if config.model != self.meta["model"]:
+            raise ValueError(f"model: {config.model!r} differs from the experts' architecture {self.meta['model']!r} "
+                             f"(the mid encoder is built from the experts; pass --model {self.meta['model']})")
         self._mean = _stats_view(ds.mean, ds.images)
         self._std = _stats_view(ds.std, ds.images)
         lr = config.effective_lr_img(float(ds.std[0]))
@@ -179,6 +183,17 @@ class DANCE(Method):
             pix = mosaic(self.dataset.denormalize(self.dataset.images[self.init_indices]), cfg.factor)
         return pix if cfg.storage == "pixel" else self.dataset.normalize(pix)
 
+    def _initial_parameterisation(self) -> torch.nn.Module:
+        """Plain: the stored tensor itself. Low-rank (``rank`` > 0): DANCE's own initial images (its
+        mosaicked real images, or its N(0,1)/4 + 0.5 noise) projected onto the rank-r manifold, so that
+        the reconstruction starts inside [0, 1] rather than as the base class's N(0, 1) factors, whose
+        product would be clipped by the pixel clamp for most pixels."""
+        if self.config.rank == 0:
+            return super()._initial_parameterisation()
+        from ..matchers.lowrank import LowRankImages
+
+        return LowRankImages.from_real(self._initial_images(), self.config.rank)
+
     def _pad_value(self):
         return 0.5 if self.config.storage == "pixel" else ((0.5 - self._mean) / self._std).reshape(-1)
 
@@ -216,9 +231,15 @@ class DANCE(Method):
     def _embed(self, x):
         return embed_with_taps(self.mid, x) if self.needs_taps else (self.mid.embed(x), None)
 
-    def inner_loss(self, real: torch.Tensor, syn: torch.Tensor, real_labels, syn_labels, num_groups: int):
+    def inner_loss(self, real: torch.Tensor, syn: torch.Tensor, real_labels, syn_labels, num_groups: int,
+                   addon_real=None, addon_syn_labels=None):
         """Inner-class loss of theta_mid: per-class MMD (+ add-ons). Classes are groups [0, num_groups)
-        with one shared augmentation draw each. real [Nr, C, H, W] (no autograd), syn [Ns, C, H, W]."""
+        with one shared augmentation draw each. real [Nr, C, H, W] (no autograd), syn [Ns, C, H, W].
+
+        ``addon_real`` = (embeddings, taps, class labels) of the real images of *all* classes, and
+        ``addon_syn_labels`` the class labels of ``syn``: in the per-class step mode the add-ons (MIM4DD's
+        contrastive term needs negatives from the other classes) compare the class's synthetic images
+        with these instead of with the one class of the MMD term."""
         if self.aug is not None:
             draws = self.aug.draw(num_groups, self.generator, tuple(real.shape[-2:]), device=self.device)
             with torch.no_grad():
@@ -229,8 +250,20 @@ class DANCE(Method):
         syn_emb, syn_taps = self._embed(syn)
         loss = self.matcher(real_emb, real_labels, syn_emb, syn_labels, num_groups)
         if self.addons:
-            loss = loss + self.addon_loss(real_emb, real_taps, real_labels, syn_emb, syn_taps, syn_labels)
+            if addon_real is None:
+                addon_real, addon_syn_labels = (real_emb, real_taps, real_labels), syn_labels
+            loss = loss + self.addon_loss(*addon_real, syn_emb, syn_taps, addon_syn_labels)
         return loss
+
+    @torch.no_grad()
+    def _real_features_all(self, real: torch.Tensor, real_labels: torch.Tensor):
+        """(embeddings, taps, labels) of the real images of every class under theta_mid, each class
+        augmented with its own draw (for the add-ons in the per-class step mode)."""
+        if self.aug is not None:
+            draws = self.aug.draw(self.num_classes, self.generator, tuple(real.shape[-2:]), device=self.device)
+            real = self.aug.apply(real, draws, real_labels)
+        emb, taps = self._embed(real)
+        return emb, taps, real_labels
 
     def calib_loss(self, syn: torch.Tensor, syn_labels: torch.Tensor, classes: torch.Tensor, num_groups: int):
         """Calibration: sum over groups of the mean CE of the trained expert on augmented syn images.
@@ -271,10 +304,12 @@ class DANCE(Method):
         total = 0.0
         if cfg.step_mode == "per_class":
             zeros_r = torch.zeros(nr, dtype=torch.long, device=self.device)
+            addon_real = self._real_features_all(real, real_labels) if self.addons else None
             for c in range(K):
                 syn = self._class_syn(c)
                 zs = torch.zeros(syn.shape[0], dtype=torch.long, device=self.device)
-                loss = self.inner_loss(real[c * nr:(c + 1) * nr], syn, zeros_r, zs, 1)
+                loss = self.inner_loss(real[c * nr:(c + 1) * nr], syn, zeros_r, zs, 1, addon_real,
+                                       torch.full_like(zs, c))
                 self._update(loss, addons=True)
                 total += float(loss.detach())
             for _ in range(cfg.iter_calib):
@@ -319,7 +354,10 @@ class DANCE(Method):
         out = super().synthetic_set()
         stored = out.pop("images", None)
         out["images"] = self.decoded_images().float().cpu().contiguous()
-        out["stored_images"] = (stored if stored is not None else self.stored().detach().float().cpu())
+        if stored is None or self.config.storage == "pixel":  # the clamped tensor that decodes to `images`
+            stored = self.stored().detach().float().cpu()
+            stored = stored.clamp(0, 1) if self.config.storage == "pixel" else stored
+        out["stored_images"] = stored.contiguous()
         out["stored_labels"] = out["labels"]
         out["labels"] = self.decoded_labels.cpu()
         return out

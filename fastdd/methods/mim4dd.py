@@ -17,8 +17,9 @@ both sides for DM / DDM / DANCE; MIM4DD's two-network framing would need a train
 
 The heads are trained jointly with the images, minimising the same loss (maximising the MI bound), by
 their own optimiser (SGD, lr ``mim_lr``, momentum 0.9, as CRD's embedding heads), stepped after the image
-step. Their initialisation (PyTorch's default Linear scheme) is drawn from the run's generator when the
-add-on is built; heads, optimiser state and all draws round-trip through ``state_dict`` for exact resume.
+step. Their initialisation (PyTorch's default Linear scheme) is drawn from a generator derived from the
+run's seed (not the run's generator, so the base method's random stream is the same with or without the
+add-on) when the add-on is built; heads, optimiser state and all draws round-trip through ``state_dict`` for exact resume.
 
 Switches and their defaults (all [UNVERIFIED for MIM4DD], spec §2.3 / §2.4):
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,6 +60,7 @@ LAYERS = ("all", "last")
 POOLS = ("mean",)
 HEADS = ("linear", "none")
 LAYER_REDUCTIONS = ("sum", "mean")
+HEAD_SEED_TAG = 0x4D494D  # 'MIM': second entropy word of the heads' SeedSequence
 HEAD_MOMENTUM = 0.9
 
 
@@ -122,8 +125,12 @@ class MIMAddon:
             for side in sides:
                 self.heads[side] = nn.ModuleList(nn.Linear(d, cfg.mim_dim) for d in dims)
             self.heads.to(method.device)
+            # a generator of their own, derived from the run's seed: switching the add-on on does not shift
+            # the base method's random stream (real batches, networks, augmentation), so runs stay paired
+            head_gen = torch.Generator(device=method.device).manual_seed(
+                int(np.random.SeedSequence((int(cfg.seed), HEAD_SEED_TAG)).generate_state(1)[0]))
             with torch.no_grad():
-                init_parameters(self.heads, method.generator)
+                init_parameters(self.heads, head_gen)
         params = list(self.heads.parameters())
         self.optimizer = torch.optim.SGD(params, lr=cfg.mim_lr, momentum=HEAD_MOMENTUM) if params else None
 

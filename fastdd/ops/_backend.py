@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
+import sys
 import warnings
 from typing import Optional
 
@@ -83,6 +85,43 @@ def backend_available(backend: str, device_type: str, op: str) -> bool:
             return False
         return device_type == "cuda" or (device_type == "cpu" and triton_interpreting())
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_triton_kernels(op: str, interpret: bool):
+    path = None
+    try:
+        spec = importlib.util.find_spec(f"fastdd.kernels.{op}")
+        path = spec.origin if spec is not None else None
+    except ImportError:
+        path = None
+    if path is None:
+        path = os.path.join(_REPO_ROOT, "kernels", f"{op}.py")
+        if not os.path.exists(path):
+            raise BackendUnavailableError(
+                f"backend 'triton': kernels/{op}.py not found (neither fastdd.kernels nor a source tree)")
+    name = f"fastdd.kernels.{op}" + ("_interpreted" if interpret else "")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def triton_kernels(op: str):
+    """The Triton kernel module of ``op`` (``fastdd.kernels.<op>`` when installed, else
+    ``<repo>/kernels/<op>.py``), loaded once per TRITON_INTERPRET setting: ``@triton.jit`` reads the
+    interpreter switch when the module is executed, so each setting needs its own module object."""
+    return _load_triton_kernels(op, triton_interpreting())
 
 
 _warned: set = set()

@@ -50,17 +50,12 @@ need a host sync). The kernels trust their labels (the C++ CPU kernels still ran
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
-import os
-import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from fastdd.ops._backend import BackendUnavailableError, select_backend, triton_interpreting
+from fastdd.ops._backend import BackendUnavailableError, select_backend, triton_kernels
 
 __all__ = [
     "class_means",
@@ -180,42 +175,8 @@ def _gaussian_grad_torch(grad, real, real_labels, syn, syn_labels, num_classes, 
 
 
 # --------------------------------------------------------------------------------------------- backends
-_REPO_KERNEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            "kernels", "class_mmd.py")
-
-
-@functools.lru_cache(maxsize=None)
-def _load_triton_kernels(interpret: bool):
-    """The Triton kernel module; loaded once per TRITON_INTERPRET setting, since ``@triton.jit`` reads
-    the interpreter switch when the module is executed."""
-    path = None
-    try:
-        spec = importlib.util.find_spec("fastdd.kernels.class_mmd")
-        path = spec.origin if spec is not None else None
-    except ImportError:
-        path = None
-    if path is None:
-        if not os.path.exists(_REPO_KERNEL):
-            raise BackendUnavailableError(
-                "backend 'triton': kernels/class_mmd.py not found (neither fastdd.kernels nor a source tree)"
-            )
-        path = _REPO_KERNEL
-    name = "fastdd.kernels.class_mmd" + ("_interpreted" if interpret else "")
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
 def _triton():
-    return _load_triton_kernels(triton_interpreting())
+    return triton_kernels("class_mmd")
 
 
 def _native():

@@ -59,17 +59,13 @@ Custom ops: ``fastdd::infonce`` / ``fastdd::infonce_backward`` (``register_fake`
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
-import os
-import sys
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from fastdd.ops._backend import BackendUnavailableError, select_backend, triton_interpreting
+from fastdd.ops._backend import BackendUnavailableError, select_backend, triton_kernels
 
 __all__ = [
     "infonce_loss",
@@ -233,38 +229,8 @@ def _torch_bwd(syn, syn_labels, real, real_labels, ss, rs, w, logc, lse, tau, fo
 
 
 # -------------------------------------------------------------------------------------------- loaders
-_REPO_KERNEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            "kernels", "infonce.py")
-
-
-@functools.lru_cache(maxsize=None)
-def _load_triton_kernels(interpret: bool):
-    """The Triton kernel module, loaded once per TRITON_INTERPRET setting (see class_mmd)."""
-    try:
-        spec = importlib.util.find_spec("fastdd.kernels.infonce")
-        path = spec.origin if spec is not None else None
-    except ImportError:
-        path = None
-    if path is None:
-        if not os.path.exists(_REPO_KERNEL):
-            raise BackendUnavailableError("backend 'triton': kernels/infonce.py not found")
-        path = _REPO_KERNEL
-    name = "fastdd.kernels.infonce" + ("_interpreted" if interpret else "")
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
 def _triton():
-    return _load_triton_kernels(triton_interpreting())
+    return triton_kernels("infonce")
 
 
 def _fwd_impl(backend, syn, syn_labels, real, real_labels, ss, rs, w, logc, tau, form):

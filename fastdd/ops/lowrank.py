@@ -35,16 +35,12 @@ As for the per-class MMD op, each direction is one opaque ``torch.library.custom
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-import sys
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from fastdd.ops._backend import BackendUnavailableError, select_backend, triton_interpreting
+from fastdd.ops._backend import BackendUnavailableError, select_backend, triton_kernels
 
 __all__ = [
     "lowrank_reconstruct",
@@ -83,40 +79,8 @@ def _torch_backward(grad: Tensor, a: Tensor, b: Tensor, need_a: bool, need_b: bo
 
 
 # --------------------------------------------------------------------------------------------- backends
-_REPO_KERNEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            "kernels", "lowrank.py")
-
-
-@functools.lru_cache(maxsize=None)
-def _load_triton_kernels(interpret: bool):
-    """``kernels/lowrank.py``, loaded once per TRITON_INTERPRET setting (see ``class_mmd``)."""
-    path = None
-    try:
-        spec = importlib.util.find_spec("fastdd.kernels.lowrank")
-        path = spec.origin if spec is not None else None
-    except ImportError:
-        path = None
-    if path is None:
-        if not os.path.exists(_REPO_KERNEL):
-            raise BackendUnavailableError(
-                "backend 'triton': kernels/lowrank.py not found (neither fastdd.kernels nor a source tree)")
-        path = _REPO_KERNEL
-    name = "fastdd.kernels.lowrank" + ("_interpreted" if interpret else "")
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
 def _triton():
-    return _load_triton_kernels(triton_interpreting())
+    return triton_kernels("lowrank")
 
 
 def _fwd_impl(backend: str, a: Tensor, b: Tensor) -> Tensor:
