@@ -102,8 +102,9 @@ def cmd_distill(argv: List[str]) -> int:
         "seconds_this_session": time.perf_counter() - start, "final_loss": method.last_loss,
         "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    path = save_synset(out, method.synthetic_set(), config.to_dict(), metadata)
-    print(f"wrote {path} ({method.images.shape[0]} images, {method.iteration} iterations, "
+    tensors = method.synthetic_set()
+    path = save_synset(out, tensors, config.to_dict(), metadata)
+    print(f"wrote {path} ({tensors['labels'].numel()} training images, {method.iteration} iterations, "
           f"final loss/class {method.last_loss / train.num_classes:.5f})")
     return 0
 

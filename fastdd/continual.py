@@ -190,6 +190,8 @@ class ContinualConfig:
         check_positive_int("max_steps", self.max_steps, minimum=0)
         if self.order_seeds is not None and not self.order_seeds:
             raise ValueError("order_seeds: is empty")
+        if self.order_seeds is not None and len(set(self.order_seeds)) != len(self.order_seeds):
+            raise ValueError(f"order_seeds: has duplicates ({list(self.order_seeds)}); each order would count twice")
         if self.order_source not in ("numpy", "torch"):
             raise ValueError(f"order_source: expected 'numpy' or 'torch', got {self.order_source!r}")
         if self.buffer_source not in ("random", "init"):

@@ -74,6 +74,11 @@ class EvalConfig:
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
         check_positive_int("test_batch_size", self.test_batch_size)
+        check_positive_int("eval_every", self.eval_every, minimum=0)
+        if not 0.0 <= self.cutmix_p <= 1.0:
+            raise ValueError(f"cutmix_p: must lie in [0, 1], got {self.cutmix_p}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
 
 
 #: Named evaluation protocols: the EvalConfig fields each one sets (everything else keeps its default).

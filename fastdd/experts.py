@@ -77,6 +77,10 @@ class PretrainConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if not 0.0 <= self.mix_p <= 1.0:
             raise ValueError(f"mix_p: must lie in [0, 1], got {self.mix_p}")
+        for name in ("momentum", "weight_decay", "gamma"):
+            value = getattr(self, name, None)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
 
 
 def balanced_subset(ds: ImageDataset, n: int) -> ImageDataset:

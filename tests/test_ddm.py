@@ -129,7 +129,7 @@ def test_icd_k_rules(rule, ipc, expected):
 
 
 def test_icd_bad_input_is_named():
-    emb = torch.randn(6, 4)
+    emb = torch.randn(6, 4, generator=torch.Generator(device='cpu').manual_seed(1000))
     with pytest.raises(ValueError, match="k"):
         icd_loss(emb, 3, 3)
     with pytest.raises(ValueError, match="ipc"):
@@ -145,7 +145,7 @@ def test_icd_bad_input_is_named():
 # ------------------------------------------------------------------------------------------ objective
 def test_legacy_weights_are_the_accumulator_recursion():
     for K, L in [(1, 3), (5, 3), (10, 4), (4, 1)]:
-        s = torch.rand(K, dtype=torch.float64)
+        s = torch.rand(K, dtype=torch.float64, generator=torch.Generator(device='cpu').manual_seed(1001))
         acc, total = 0.0, 0.0
         for c in range(K):
             acc = (acc + s[c]) / L
@@ -197,7 +197,7 @@ def test_legacy_and_reset_differ_by_the_accumulated_earlier_classes():
     taps_s = [torch.randn(K * 2, 8, 4, 4, generator=g, dtype=torch.float64) for _ in range(3)]
     taps_r = [torch.randn(K * 5, 8, 4, 4, generator=g, dtype=torch.float64) for _ in range(3)]
     ls, lr = torch.arange(K).repeat_interleave(2), torch.arange(K).repeat_interleave(5)
-    emb_s, emb_r = torch.randn(K * 2, 6, dtype=torch.float64), torch.randn(K * 5, 6, dtype=torch.float64)
+    emb_s, emb_r = torch.randn(K * 2, 6, dtype=torch.float64, generator=torch.Generator(device='cpu').manual_seed(1002)), torch.randn(K * 5, 6, dtype=torch.float64, generator=torch.Generator(device='cpu').manual_seed(1002))
     vals = {}
     for acc in ("legacy", "reset"):
         obj = DDMLoss(DDMConfig(ipc=2, style_accumulator=acc, icd_weight=0.0), K, 2)

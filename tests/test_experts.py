@@ -89,7 +89,7 @@ def test_cutmix_box_and_ratio():
         assert torch.equal(ya[m], y[m])
     none = cutmix(x, y, g, p=0.0)
     assert torch.equal(none[0], x) and torch.equal(none[2], y) and torch.equal(none[3], torch.ones(4, dtype=x.dtype))
-    logits = torch.randn(4, 6, 10, dtype=torch.float64)
+    logits = torch.randn(4, 6, 10, dtype=torch.float64, generator=torch.Generator(device='cpu').manual_seed(1000))
     ref = sum(float(lam[m]) * F.cross_entropy(logits[m], ya[m]) + (1 - float(lam[m])) * F.cross_entropy(logits[m], yb[m])
               for m in range(4))
     assert torch.allclose(cutmix_loss(logits, ya, yb, lam), ref)
@@ -109,14 +109,14 @@ def _decode_reference(stored, f):
 
 
 def test_decode_factor_2_matches_crop_and_bilinear_upsample():
-    x = torch.rand(3, 2, 8, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(3, 2, 8, 6, dtype=torch.float64, requires_grad=True, generator=torch.Generator(device='cpu').manual_seed(1001))
     out = decode(x, 2)
     assert out.shape == (12, 2, 8, 6)
     assert torch.allclose(out, _decode_reference(x, 2))
     assert decode(x, 1) is x
     torch.autograd.gradcheck(lambda t: decode(t, 2), (x[:1].detach().clone().requires_grad_(),))
     # odd size: padded with 0.5 at the bottom/right before tiling
-    odd = torch.rand(1, 1, 7, 7, dtype=torch.float64)
+    odd = torch.rand(1, 1, 7, 7, dtype=torch.float64, generator=torch.Generator(device='cpu').manual_seed(1002))
     padded = torch.full((1, 1, 8, 8), 0.5, dtype=torch.float64)
     padded[..., :7, :7] = odd
     tiles = padded.reshape(1, 1, 2, 4, 2, 4).permute(0, 2, 4, 1, 3, 5).reshape(4, 1, 4, 4)
@@ -124,7 +124,7 @@ def test_decode_factor_2_matches_crop_and_bilinear_upsample():
 
 
 def test_mosaic_is_read_back_by_decode():
-    imgs = torch.rand(8, 1, 8, 8, dtype=torch.float64)
+    imgs = torch.rand(8, 1, 8, 8, dtype=torch.float64, generator=torch.Generator(device='cpu').manual_seed(1003))
     stored = mosaic(imgs, 2)
     assert stored.shape == (2, 1, 8, 8)
     small = F.interpolate(imgs, size=(4, 4), mode="nearest")
@@ -140,7 +140,7 @@ def test_idc_augment_composition_and_sharing():
     cond = IDCAugment("color_crop_cutout")
     assert [s.ops for s in cond.stages] == [("color",), ("crop",), ("cutout",)]
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(5, 3, 8, 8)
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator(device='cpu').manual_seed(1004))
     a, b = cond.shared([x, x[:2]], g)
     assert torch.equal(a[:2], b)  # one parameter set for both tensors
     y = aug.per_sample(x, g)
