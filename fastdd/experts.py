@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import atomic_write, load as load_checkpoint, save_atomic
 from .data import ClassSampler, ImageDataset
