@@ -44,8 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import environment  # noqa: E402
 
 from fastdd import methods  # noqa: E402
-from fastdd.continual import stratified_subset  # noqa: E402
-from fastdd.data import ClassSampler, load_dataset  # noqa: E402
+from fastdd.data import ClassSampler, load_dataset, stratified_subset  # noqa: E402
 from fastdd.evaluate import EvalConfig, evaluate_synset  # noqa: E402
 from fastdd.synset import stored_floats, synset_images  # noqa: E402
 

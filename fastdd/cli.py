@@ -189,7 +189,8 @@ def _continual_parser(method_name: str) -> argparse.ArgumentParser:
 def cmd_continual(argv: List[str]) -> int:
     from . import __version__, methods
     from .checkpoint import atomic_write
-    from .continual import ContinualConfig, format_table, run_continual, stratified_subset
+    from .continual import ContinualConfig, format_table, run_continual
+    from .data import stratified_subset
     from .data import load_dataset
     from .evaluate import EvalConfig
 

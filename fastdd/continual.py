@@ -118,15 +118,6 @@ def select_classes(dataset: ImageDataset, classes: Sequence[int]) -> ImageDatase
     return dataclasses.replace(dataset, images=dataset.images[mask], labels=dataset.labels[mask])
 
 
-def stratified_subset(dataset: ImageDataset, per_class: int, generator: Optional[torch.Generator] = None
-                      ) -> ImageDataset:
-    """``per_class`` images of every class (random with ``generator``, else the first ones in order)."""
-    sampler = ClassSampler(dataset.images, dataset.labels, dataset.num_classes)
-    idx = sampler.first_indices(per_class) if generator is None else sampler.sample_indices(per_class, generator)
-    idx = idx.reshape(-1)
-    return dataclasses.replace(dataset, images=dataset.images[idx], labels=dataset.labels[idx])
-
-
 @dataclass
 class Memory:
     """A class-incremental memory: images [N, C, H, W] with global labels [N], built step by step."""

@@ -158,6 +158,25 @@ def epoch_learning_rates(cfg: EvalConfig) -> List[float]:
     return [cfg.lr if e < decayed_from else cfg.lr * 0.1 for e in range(passes)]
 
 
+def fresh_models(cfg: EvalConfig, model_seeds: Sequence[int], channels: int, num_classes: int, im_size,
+                 device) -> StackedModels:
+    """``cfg.model`` networks, model m initialised from ``Generator(seed=model_seeds[m])``, stacked."""
+    models = []
+    for seed in model_seeds:
+        g = torch.Generator(device=device).manual_seed(int(seed))
+        models.append(get_model(cfg.model, channels, num_classes, im_size, generator=g).to(device))
+    return StackedModels(models, cfg.vectorise)
+
+
+def epoch_batches(m_models: int, n: int, batch_size: int, generator: torch.Generator, device):
+    """One epoch's mini-batches for M models: index tensors [M, b] into [0, n), an independent shuffle per
+    model (one draw of M*n keys from ``generator`` when iteration starts)."""
+    keys = torch.rand(m_models, n, generator=generator, device=generator.device).to(device)
+    order = keys.argsort(dim=1)
+    for start in range(0, n, batch_size):
+        yield order[:, start:start + batch_size]
+
+
 def train_stacked(
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
@@ -178,11 +197,7 @@ def train_stacked(
     device = train_images.device
     m_models, n = train_images.shape[:2]
     channels, h, w = train_images.shape[2:]
-    models = []
-    for seed in model_seeds:
-        g = torch.Generator(device=device).manual_seed(int(seed))
-        models.append(get_model(cfg.model, channels, num_classes, (h, w), generator=g).to(device))
-    net = StackedModels(models, cfg.vectorise)
+    net = fresh_models(cfg, model_seeds, channels, num_classes, (h, w), device)
     dsa = DSA(cfg.dsa_strategy or dsa_strategy_for(dataset_name)) if cfg.dsa else None
 
     schedule = epoch_learning_rates(cfg)
@@ -197,10 +212,7 @@ def train_stacked(
     for epoch, lr in enumerate(schedule):
         if epoch and lr != schedule[epoch - 1]:
             optimizer = make_optimizer(lr)  # the reference re-creates SGD: momentum is reset
-        keys = torch.rand(m_models, n, generator=generator, device=generator.device).to(device)
-        order = keys.argsort(dim=1)  # an independent shuffle per model
-        for start in range(0, n, cfg.batch_size):
-            idx = order[:, start:start + cfg.batch_size]  # [M, b]
+        for idx in epoch_batches(m_models, n, cfg.batch_size, generator, device):  # [M, b]
             x = train_images[rows, idx]  # [M, b, C, H, W]
             y = train_labels[rows, idx]  # [M, b]
             b = idx.shape[1]
@@ -237,11 +249,7 @@ def train_stacked_idc(
     device = train_images.device
     m_models, n = train_images.shape[:2]
     channels, h, w = train_images.shape[2:]
-    models = []
-    for seed in model_seeds:
-        g = torch.Generator(device=device).manual_seed(int(seed))
-        models.append(get_model(cfg.model, channels, num_classes, (h, w), generator=g).to(device))
-    net = StackedModels(models, cfg.vectorise)
+    net = fresh_models(cfg, model_seeds, channels, num_classes, (h, w), device)
     aug = IDCAugment(cfg.dsa_strategy or idc_strategy_for(dataset_name)) if cfg.dsa else None
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     rows = torch.arange(m_models, device=device).unsqueeze(1)
@@ -250,10 +258,7 @@ def train_stacked_idc(
         for group in optimizer.param_groups:
             group["lr"] = multistep_lr(cfg.lr, epoch, cfg.epochs)
         net.train(True)
-        keys = torch.rand(m_models, n, generator=generator, device=generator.device).to(device)
-        order = keys.argsort(dim=1)
-        for start in range(0, n, cfg.batch_size):
-            idx = order[:, start:start + cfg.batch_size]
+        for idx in epoch_batches(m_models, n, cfg.batch_size, generator, device):
             x, y = train_images[rows, idx], train_labels[rows, idx]
             b = idx.shape[1]
             if aug is not None:

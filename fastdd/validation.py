@@ -67,3 +67,16 @@ def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
     return value
+
+
+def check_row_labels(name: str, labels, n: int, device) -> None:
+    """Static (compile-safe) checks of a label vector for the rows of a feature tensor: a 1-d int64/int32
+    tensor of length ``n`` on ``device``; raises naming ``name``."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: dtype {labels.dtype} not supported, expected torch.int64 or torch.int32")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name}: expected shape ({n},) (one label per row), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name}: on device {labels.device}, expected {device} (the features' device)")

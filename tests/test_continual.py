@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fastdd.continual import (ContinualConfig, Memory, class_orders, format_table, random_buffer,
-                              restrict_classes, run_continual, select_classes, split_steps, stratified_subset)
+                              restrict_classes, run_continual, select_classes, split_steps)
+from fastdd.data import stratified_subset
 from fastdd.data import ImageDataset
 from fastdd.evaluate import EvalConfig
 from fastdd.methods import get

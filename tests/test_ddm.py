@@ -2,10 +2,11 @@
 (float64, gradients included), the k rules, bad input, and the method on real Fashion-MNIST."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
+
+from fastdd.data import stratified_subset
 
 from fastdd.augment import DSA
 from fastdd.matchers.diversity import icd_k, icd_loss
@@ -236,11 +237,6 @@ def test_ddm_step_reproducible_and_loss_terms_logged(digits_train):
 
 
 # ------------------------------------------------------------------------------------------ real data
-def _stratified_subset(ds, per_class: int):
-    idx = torch.cat([torch.nonzero(ds.labels == c).flatten()[:per_class] for c in range(ds.num_classes)])
-    return dataclasses.replace(ds, images=ds.images[idx], labels=ds.labels[idx])
-
-
 def test_ddm_beats_its_initial_real_subset_on_fashion_mnist(fmnist):
     from fastdd.evaluate import EvalConfig, evaluate_synset
 
@@ -249,7 +245,7 @@ def test_ddm_beats_its_initial_real_subset_on_fashion_mnist(fmnist):
     method = cls(DDMConfig(ipc=2, iterations=40, batch_real=16, seed=0), train).fit(progress=False)
     syn = method.synthetic_set()
     cfg = EvalConfig(num_models=2, epochs=60, seed=0, faithful_epochs=False)
-    result = evaluate_synset(syn["images"], syn["labels"], train, _stratified_subset(test, 200), cfg,
+    result = evaluate_synset(syn["images"], syn["labels"], train, stratified_subset(test, 200), cfg,
                              baseline_indices=syn["init_indices"])
     d = result.to_dict()
     print(result.summary())

@@ -5,19 +5,11 @@ The same property as the README's headline command (IPC 1, batch-real 32, 300 it
 """
 from __future__ import annotations
 
-import dataclasses
-
-import torch
-
+from fastdd.data import stratified_subset
 from fastdd.evaluate import EvalConfig, evaluate_synset
 from fastdd.methods import get
 
 MARGIN = 3.0  # percentage points
-
-
-def _stratified_subset(ds, per_class: int):
-    idx = torch.cat([torch.nonzero(ds.labels == c).flatten()[:per_class] for c in range(ds.num_classes)])
-    return dataclasses.replace(ds, images=ds.images[idx], labels=ds.labels[idx])
 
 
 def test_dm_beats_its_initial_real_subset_on_fashion_mnist(fmnist):
@@ -26,7 +18,7 @@ def test_dm_beats_its_initial_real_subset_on_fashion_mnist(fmnist):
     method = dm(dm.config_cls(ipc=1, iterations=60, batch_real=16, seed=0), train).fit(progress=False)
     syn = method.synthetic_set()
     cfg = EvalConfig(num_models=3, epochs=100, seed=0, faithful_epochs=False)
-    result = evaluate_synset(syn["images"], syn["labels"], train, _stratified_subset(test, 200), cfg,
+    result = evaluate_synset(syn["images"], syn["labels"], train, stratified_subset(test, 200), cfg,
                              baseline_indices=syn["init_indices"])
     d = result.to_dict()
     print(result.summary())

@@ -2,10 +2,11 @@
 exact resume with the heads, bad options, the CLI (ddm, mim4dd, dm --mim-weight), real Fashion-MNIST."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
+
+from fastdd.data import stratified_subset
 import torch.nn.functional as F
 
 from fastdd.cli import main
@@ -159,11 +160,6 @@ def test_cli_distills_and_saved_set_reloads_with_plain_torch(tmp_path, argv):
 
 
 # ------------------------------------------------------------------------------------------ real data
-def _stratified_subset(ds, per_class: int):
-    idx = torch.cat([torch.nonzero(ds.labels == c).flatten()[:per_class] for c in range(ds.num_classes)])
-    return dataclasses.replace(ds, images=ds.images[idx], labels=ds.labels[idx])
-
-
 def test_mim4dd_beats_its_initial_real_subset_on_fashion_mnist(fmnist):
     from fastdd.evaluate import EvalConfig, evaluate_synset
 
@@ -171,7 +167,7 @@ def test_mim4dd_beats_its_initial_real_subset_on_fashion_mnist(fmnist):
     method = get("mim4dd")(MIM4DDConfig(ipc=1, iterations=60, batch_real=16, seed=0), train).fit(progress=False)
     syn = method.synthetic_set()
     cfg = EvalConfig(num_models=2, epochs=60, seed=0, faithful_epochs=False)
-    result = evaluate_synset(syn["images"], syn["labels"], train, _stratified_subset(test, 200), cfg,
+    result = evaluate_synset(syn["images"], syn["labels"], train, stratified_subset(test, 200), cfg,
                              baseline_indices=syn["init_indices"])
     d = result.to_dict()
     print(result.summary())

@@ -12,7 +12,7 @@ dataset directories is documented in :mod:`fastdd.data.paths`, the statistics in
 from .dataset import ImageDataset, normalize_pixels
 from .paths import DatasetNotFoundError, search_parents
 from .registry import canonical_name, dataset_names, load_dataset
-from .sampler import ClassSampler
+from .sampler import ClassSampler, stratified_subset
 from .stats import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION, get_stats
 from .torch_dataset import from_torch_dataset
 
@@ -30,4 +30,5 @@ __all__ = [
     "load_dataset",
     "normalize_pixels",
     "search_parents",
+    "stratified_subset",
 ]

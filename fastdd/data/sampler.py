@@ -13,11 +13,16 @@ to the data's device for the gather. The global RNG is never used.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import dataclasses
+
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 
 from ..validation import check_labels, check_positive_int, check_tensor
+
+if TYPE_CHECKING:
+    from .dataset import ImageDataset
 
 
 class ClassSampler:
@@ -127,3 +132,12 @@ class ClassSampler:
             f"ClassSampler(n={len(self)}, num_classes={self.num_classes}, "
             f"class_sizes={min(self._counts_list)}..{self.max_count}, device={self.device})"
         )
+
+
+def stratified_subset(dataset: "ImageDataset", per_class: int, generator: Optional[torch.Generator] = None
+                      ) -> "ImageDataset":
+    """``per_class`` images of every class (random with ``generator``, else the first ones in order)."""
+    sampler = ClassSampler(dataset.images, dataset.labels, dataset.num_classes)
+    idx = sampler.first_indices(per_class) if generator is None else sampler.sample_indices(per_class, generator)
+    idx = idx.reshape(-1)
+    return dataclasses.replace(dataset, images=dataset.images[idx], labels=dataset.labels[idx])

@@ -201,6 +201,18 @@ class Method:
         for addon in self.addons.values():
             addon.step()
 
+    def update(self, loss: torch.Tensor, addons: bool = True) -> float:
+        """One optimiser step on ``loss`` (0-d): gradients of the synthetic parameterisation and, with
+        ``addons``, of the add-ons' own parameters, then both steps. Returns the loss as a float."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if addons:
+            self.addons_zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        if addons:
+            self.addons_step()
+        return float(loss.detach())
+
     # ----------------------------------------------------------------------------------- one step
     def step(self) -> float:
         """Run one outer iteration (update ``self.images``) and return its loss."""

@@ -275,15 +275,6 @@ class DANCE(Method):
         counts = torch.bincount(syn_labels, minlength=num_groups).to(ce.dtype)
         return (torch.zeros(num_groups, dtype=ce.dtype, device=ce.device).index_add_(0, syn_labels, ce) / counts).sum()
 
-    def _update(self, loss: torch.Tensor, addons: bool = False) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if addons:
-            self.addons_zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        if addons:
-            self.addons_step()
-
     def set_mid(self, k: int, lam: float) -> None:
         """Load theta_mid(k, lam) into the middle encoder and theta_trained(k) into the expert."""
         interpolate_params(list(self.mid.parameters()), self.expert_init[k], self.expert_trained[k], lam)
@@ -310,25 +301,25 @@ class DANCE(Method):
                 zs = torch.zeros(syn.shape[0], dtype=torch.long, device=self.device)
                 loss = self.inner_loss(real[c * nr:(c + 1) * nr], syn, zeros_r, zs, 1, addon_real,
                                        torch.full_like(zs, c))
-                self._update(loss, addons=True)
+                self.update(loss)
                 total += float(loss.detach())
             for _ in range(cfg.iter_calib):
                 for c in range(K):
                     syn = self._class_syn(c)
                     zs = torch.zeros(syn.shape[0], dtype=torch.long, device=self.device)
                     loss = self.calib_loss(syn, zs, torch.full_like(zs, c), 1)
-                    self._update(loss)
+                    self.update(loss, addons=False)
                     total += float(loss.detach())
             return total
         # batched: one step on the summed inner loss, then one per calibration round
         syn, syn_labels = self._all_syn()
         loss = self.inner_loss(real, syn, real_labels, syn_labels, K)
-        self._update(loss, addons=True)
+        self.update(loss)
         total += float(loss.detach())
         for _ in range(cfg.iter_calib):
             syn, syn_labels = self._all_syn()
             loss = self.calib_loss(syn, syn_labels, syn_labels, K)
-            self._update(loss)
+            self.update(loss, addons=False)
             total += float(loss.detach())
         return total
 

@@ -207,9 +207,4 @@ class DDM(DM):
         loss, self.last_parts = self.objective(real_feat, real_taps, real_labels, syn_feat, syn_taps, self.labels)
         if self.addons:
             loss = loss + self.addon_loss(real_feat, real_taps, real_labels, syn_feat, syn_taps, self.labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.addons_zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        self.addons_step()
-        return float(loss.detach())
+        return self.update(loss)

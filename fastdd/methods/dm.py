@@ -131,9 +131,4 @@ class DM(Method):
         else:
             loss = dm_loss_batched(self.net, self.dsa, draw, real, real_labels, self.images, self.labels,
                                    self.num_classes, self.matcher, self.real_chunk)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.addons_zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        self.addons_step()
-        return float(loss.detach())
+        return self.update(loss)

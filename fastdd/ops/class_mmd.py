@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from fastdd.ops._backend import BackendUnavailableError, select_backend, triton_kernels
+from fastdd.validation import check_row_labels
 
 __all__ = [
     "class_means",
@@ -373,14 +374,7 @@ def _check_features(name: str, x, device=None) -> None:
 
 
 def _check_labels_static(name: str, labels, n: int, device, num_classes: int) -> None:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name}: dtype {labels.dtype} not supported, expected torch.int64 or torch.int32")
-    if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"{name}: expected shape ({n},) (one label per row), got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"{name}: on device {labels.device}, expected {device} (the features' device)")
+    check_row_labels(name, labels, n, device)
 
 
 def _check_num_classes(num_classes) -> None:

@@ -66,6 +66,7 @@ import torch
 from torch import Tensor
 
 from fastdd.ops._backend import BackendUnavailableError, select_backend, triton_kernels
+from fastdd.validation import check_row_labels
 
 __all__ = [
     "infonce_loss",
@@ -331,17 +332,6 @@ def _check_features(name: str, x) -> None:
         raise ValueError(f"{name}: expected at least one row and one feature, got shape {tuple(x.shape)}")
 
 
-def _check_labels(name: str, labels, n: int, device) -> None:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name}: dtype {labels.dtype} not supported, expected torch.int64 or torch.int32")
-    if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"{name}: expected shape ({n},) (one label per row), got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"{name}: on device {labels.device}, expected {device} (the features' device)")
-
-
 def _check_options(temperature, form, nce_constant, nce_negatives, backend) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature: expected a number, got {type(temperature).__name__}")
@@ -379,8 +369,8 @@ def validate_infonce_inputs(syn, syn_labels, real, real_labels, *, num_classes: 
         raise ValueError(f"real: on device {real.device}, expected syn's device {syn.device}")
     if real.dtype != syn.dtype:
         raise TypeError(f"real: dtype {real.dtype} does not match syn's {syn.dtype}")
-    _check_labels("syn_labels", syn_labels, syn.shape[0], syn.device)
-    _check_labels("real_labels", real_labels, real.shape[0], syn.device)
+    check_row_labels("syn_labels", syn_labels, syn.shape[0], syn.device)
+    check_row_labels("real_labels", real_labels, real.shape[0], syn.device)
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 1):
         raise ValueError(f"num_classes: expected a positive int or None, got {num_classes!r}")
