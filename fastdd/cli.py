@@ -45,6 +45,19 @@ def _config_from_args(config_cls, args: argparse.Namespace):
     return config_cls(**values)
 
 
+def _parse_method_command(argv: List[str], make_parser):
+    """(args, method class, method config) for a command whose flags depend on ``--method``: the method is
+    read first, then ``make_parser(method)`` (which adds that method's config flags) parses everything."""
+    from . import methods
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="dm")
+    known, _ = pre.parse_known_args(argv)
+    args = make_parser(known.method).parse_args(argv)
+    cls = methods.get(args.method)
+    return args, cls, _config_from_args(cls.config_cls, args)
+
+
 # --------------------------------------------------------------------------------------------- distill
 def _distill_parser(method_name: str) -> argparse.ArgumentParser:
     from . import methods
@@ -66,17 +79,12 @@ def _distill_parser(method_name: str) -> argparse.ArgumentParser:
 
 
 def cmd_distill(argv: List[str]) -> int:
-    from . import __version__, methods
+    from . import __version__
     from .checkpoint import load as load_checkpoint, save_atomic
     from .data import load_dataset
     from .synset import ensure_writable, save_synset
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="dm")
-    known, _ = pre.parse_known_args(argv)
-    args = _distill_parser(known.method).parse_args(argv)
-    cls = methods.get(args.method)
-    config = _config_from_args(cls.config_cls, args)
+    args, cls, config = _parse_method_command(argv, _distill_parser)
     out = ensure_writable(args.out, force=args.force, resume=args.resume)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
@@ -187,19 +195,13 @@ def _continual_parser(method_name: str) -> argparse.ArgumentParser:
 
 
 def cmd_continual(argv: List[str]) -> int:
-    from . import __version__, methods
+    from . import __version__
     from .checkpoint import atomic_write
     from .continual import ContinualConfig, format_table, run_continual
-    from .data import stratified_subset
-    from .data import load_dataset
+    from .data import load_dataset, stratified_subset
     from .evaluate import EvalConfig
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="dm")
-    known, _ = pre.parse_known_args(argv)
-    args = _continual_parser(known.method).parse_args(argv)
-    cls = methods.get(args.method)
-    config = _config_from_args(cls.config_cls, args)
+    args, cls, config = _parse_method_command(argv, _continual_parser)
     train = load_dataset(args.dataset, "train", root=args.data_path)
     test = load_dataset(args.dataset, "test", root=args.data_path)
     if args.train_per_class:
