@@ -46,6 +46,7 @@ demo: install
 	$(VENV)/bin/fastdd evaluate $(DEMO_OUT) $(EVAL_ARGS)
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install

@@ -43,7 +43,7 @@ def _extensions():
         from torch.utils import cpp_extension
     except ImportError:
         if build_ext_switch == "1":
-            raise SystemExit("FASTDD_BUILD_EXT=1 but torch is not importable: install torch first")
+            raise SystemExit("FASTDD_BUILD_EXT=1 but torch is not importable: install torch first") from None
         print("fastdd: torch not importable at build time; installing pure Python", file=sys.stderr)
         return [], {}
     compiler = os.environ.get("CXX", "c++")

@@ -104,7 +104,7 @@ def triton_version() -> str:
         return "none"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _environment(device_type: str, index: int) -> tuple:
     device = torch.device(device_type, index) if device_type == "cuda" else torch.device("cpu")
     return (
@@ -249,7 +249,7 @@ def peak_memory(call: Callable[[], object], device) -> tuple:
         return float("nan"), "unavailable"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _copy_bandwidth(device_str: str) -> float:
     device = torch.device(device_str)
     nbytes = (512 if device.type == "cuda" else 64) * 2**20

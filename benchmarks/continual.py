@@ -29,10 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import environment  # noqa: E402
 
 from fastdd import methods  # noqa: E402
-from fastdd.continual import ContinualConfig, run_continual  # noqa: E402
-from fastdd.data import stratified_subset  # noqa: E402
-from fastdd.data import load_dataset  # noqa: E402
 from fastdd.checkpoint import atomic_write  # noqa: E402
+from fastdd.continual import ContinualConfig, run_continual  # noqa: E402
+from fastdd.data import (
+    load_dataset,  # noqa: E402
+    stratified_subset,  # noqa: E402
+)
 from fastdd.evaluate import EvalConfig  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

@@ -64,7 +64,7 @@ def make_inputs(n, d, device, dtype):
     return syn, sl, real, rl
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def matrix_peak_tflops(device_str: str, dtype_name: str) -> float:
     device = torch.device(device_str)
     dtype = getattr(torch, dtype_name) if device.type == "cuda" else torch.float32

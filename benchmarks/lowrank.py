@@ -94,7 +94,7 @@ def run(args) -> list:
                 for mode in H.MODES:
                     for name, fn in provs:
                         t0 = time.perf_counter()
-                        call = lambda fn=fn: fn(a, b)  # noqa: E731
+                        call = lambda fn=fn, a=a, b=b: fn(a, b)
                         notes = f"threads={torch.get_num_threads()}" if device.type == "cpu" else ""
                         if device.type == "cpu" and torch.get_num_threads() == 1:
                             cpu = H.cpu_time_ms(H.make_call(call, [a, b], mode), runs=5 if args.quick else 15)

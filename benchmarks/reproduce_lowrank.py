@@ -42,8 +42,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import environment  # noqa: E402
 
-from fastdd.data import stratified_subset  # noqa: E402
-from fastdd.data import load_dataset  # noqa: E402
+from fastdd.data import (
+    load_dataset,  # noqa: E402
+    stratified_subset,  # noqa: E402
+)
 from fastdd.evaluate import EvalConfig, evaluate_synset  # noqa: E402
 from fastdd.methods import get  # noqa: E402
 from fastdd.synset import save_synset  # noqa: E402

@@ -168,7 +168,7 @@ class AugDraw:
     angle: torch.Tensor
 
     @staticmethod
-    def identity(num_groups: int, device=None) -> "AugDraw":
+    def identity(num_groups: int, device=None) -> AugDraw:
         """Parameters that make every op the identity, for ``num_groups`` groups (op index 0)."""
         check_positive_int("num_groups", num_groups, minimum=0)
         zl = torch.zeros(num_groups, dtype=torch.int64, device=device)
@@ -187,18 +187,18 @@ class AugDraw:
         """Number of groups ``G``."""
         return int(self.op.shape[0])
 
-    def to(self, device) -> "AugDraw":
+    def to(self, device) -> AugDraw:
         """A copy with every tensor on ``device`` (``self`` when already there)."""
         device = torch.device(device)
         if all(getattr(self, f.name).device == device for f in fields(self)):
             return self
         return AugDraw(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def index(self, idx: torch.Tensor) -> "AugDraw":
+    def index(self, idx: torch.Tensor) -> AugDraw:
         """Parameter sets ``idx`` (``[K]`` long) as a new ``K``-group draw."""
         return AugDraw(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
-    def validate(self, name: str = "draw") -> "AugDraw":
+    def validate(self, name: str = "draw") -> AugDraw:
         """Check every field is a 1-d tensor of the same length with the documented dtype kind."""
         if not isinstance(self, AugDraw):
             raise TypeError(f"{name}: expected an AugDraw, got {type(self).__name__}")

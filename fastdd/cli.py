@@ -80,7 +80,8 @@ def _distill_parser(method_name: str) -> argparse.ArgumentParser:
 
 def cmd_distill(argv: List[str]) -> int:
     from . import __version__
-    from .checkpoint import load as load_checkpoint, save_atomic
+    from .checkpoint import load as load_checkpoint
+    from .checkpoint import save_atomic
     from .data import load_dataset
     from .synset import ensure_writable, save_synset
 

@@ -125,7 +125,7 @@ class Memory:
     images: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None
 
-    def add(self, images: torch.Tensor, labels: torch.Tensor) -> "Memory":
+    def add(self, images: torch.Tensor, labels: torch.Tensor) -> Memory:
         """Append a step's set (images [n, C, H, W], global labels [n]); returns self."""
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"labels: {labels.shape[0]} labels for {images.shape[0]} images")

@@ -32,7 +32,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .checkpoint import atomic_write, load as load_checkpoint, save_atomic
+from .checkpoint import atomic_write, save_atomic
+from .checkpoint import load as load_checkpoint
 from .data import ClassSampler, ImageDataset
 from .idc import IDCAugment, cutmix, cutmix_loss, multistep_lr
 from .models import get_model

@@ -189,7 +189,7 @@ def infonce_backward(syn, syn_labels, real, real_labels, syn_scale, real_scale, 
     """(dz_syn [Ns, D] or [0, D], dz_real [Nr, D] or [0, D]) in the accumulation dtype (gradients w.r.t.
     the scaled rows z; the weights already carry the incoming gradient)."""
     syn, real = _rowmajor(syn), _rowmajor(real)
-    Ns, Nr, D = syn.shape[0], real.shape[0], syn.shape[1]
+    Ns, D = syn.shape[0], syn.shape[1]
     acc = _acc_dtype(syn.dtype)
     BM, BN, BD = _blocks(D, syn.dtype)
     sl, rl = syn_labels.contiguous(), real_labels.contiguous()

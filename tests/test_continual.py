@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from fastdd.continual import (ContinualConfig, Memory, class_orders, format_table, random_buffer,
-                              restrict_classes, run_continual, select_classes, split_steps)
-from fastdd.data import stratified_subset
-from fastdd.data import ImageDataset
+from fastdd.continual import (
+    ContinualConfig,
+    Memory,
+    class_orders,
+    format_table,
+    random_buffer,
+    restrict_classes,
+    run_continual,
+    select_classes,
+    split_steps,
+)
+from fastdd.data import ImageDataset, stratified_subset
 from fastdd.evaluate import EvalConfig
 from fastdd.methods import get
 
@@ -114,7 +122,7 @@ def test_run_continual_records_memory_union_and_is_reproducible():
     assert [o["class_order"] for o in a["orders"]] == class_orders(4, [0, 1])
     for order in a["orders"]:
         seen = []
-        for t, step in enumerate(order["steps"]):
+        for step in order["steps"]:
             seen += step["new_classes"]
             assert step["classes_seen"] == seen
             assert step["memory_images"] == step["buffer_images"] == 2 * len(seen)

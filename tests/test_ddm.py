@@ -2,13 +2,11 @@
 (float64, gradients included), the k rules, bad input, and the method on real Fashion-MNIST."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from fastdd.data import stratified_subset
-
 from fastdd.augment import DSA
+from fastdd.data import stratified_subset
 from fastdd.matchers.diversity import icd_k, icd_loss
 from fastdd.methods import get
 from fastdd.methods.ddm import DDMConfig, DDMLoss, legacy_class_weights

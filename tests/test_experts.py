@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdd.experts import (PretrainConfig, available_experts, init_file, load_experts, pretrain_experts,
-                            trained_file)
+from fastdd.experts import PretrainConfig, available_experts, init_file, load_experts, pretrain_experts, trained_file
 from fastdd.idc import IDCAugment, cutmix, cutmix_loss, decode, mosaic, multistep_lr
 
 TINY = dict(models=2, epochs=2, train_subset=100, batch_size=32, seed=5)

@@ -2,14 +2,12 @@
 exact resume with the heads, bad options, the CLI (ddm, mim4dd, dm --mim-weight), real Fashion-MNIST."""
 from __future__ import annotations
 
-
 import pytest
 import torch
-
-from fastdd.data import stratified_subset
 import torch.nn.functional as F
 
 from fastdd.cli import main
+from fastdd.data import stratified_subset
 from fastdd.methods import get
 from fastdd.methods.dm import DMConfig, embed_pairs
 from fastdd.methods.mim4dd import MIM4DDConfig

@@ -387,7 +387,7 @@ def test_embed_with_taps_matches_embed_and_tap_shapes(depth, pool):
     assert torch.equal(emb, net.embed(x))
     assert len(taps) == depth
     size = 32  # 28x28 single-channel inputs are padded to 32x32 by the first conv
-    for d, tap in enumerate(taps):
+    for tap in taps:
         assert tap.shape == (3, 8, size, size)
         assert bool((tap >= 0).all())  # post-ReLU, as the DDM reference matches
         if pool != "none":

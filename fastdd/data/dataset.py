@@ -103,7 +103,7 @@ class ImageDataset:
         x01 = x01 if x01.is_floating_point() else x01.float()
         return (x01 - _stats_view(self.mean, x01)) / _stats_view(self.std, x01)
 
-    def to(self, device: Union[str, torch.device]) -> "ImageDataset":
+    def to(self, device: Union[str, torch.device]) -> ImageDataset:
         """A copy whose ``images`` and ``labels`` live on ``device`` (the same object if already there)."""
         device = torch.device(device)
         if self.images.device == device:

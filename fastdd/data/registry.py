@@ -116,7 +116,7 @@ def _stats_for(canon: str, mean, std):
 def load_dataset(
     name: str,
     split: str = "train",
-    root: Union[str, "os.PathLike[str]", None] = None,
+    root: Union[str, os.PathLike[str], None] = None,
     image_size: Optional[Tuple[int, int]] = None,
     *,
     mean: Optional[Sequence[float]] = None,

@@ -14,7 +14,6 @@ to the data's device for the gather. The global RNG is never used.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
@@ -134,8 +133,8 @@ class ClassSampler:
         )
 
 
-def stratified_subset(dataset: "ImageDataset", per_class: int, generator: Optional[torch.Generator] = None
-                      ) -> "ImageDataset":
+def stratified_subset(dataset: ImageDataset, per_class: int, generator: Optional[torch.Generator] = None
+                      ) -> ImageDataset:
     """``per_class`` images of every class (random with ``generator``, else the first ones in order)."""
     sampler = ClassSampler(dataset.images, dataset.labels, dataset.num_classes)
     idx = sampler.first_indices(per_class) if generator is None else sampler.sample_indices(per_class, generator)

@@ -36,12 +36,12 @@ class LowRankImages(nn.Module):
     # ------------------------------------------------------------------------------------ constructors
     @classmethod
     def from_factors(cls, factor_a: torch.Tensor, factor_b: torch.Tensor, *,
-                     backend: Optional[str] = None) -> "LowRankImages":
+                     backend: Optional[str] = None) -> LowRankImages:
         """From saved factors (copied; e.g. the dict returned by :meth:`factors`)."""
         return cls(factor_a, factor_b, backend=backend)
 
     @classmethod
-    def from_real(cls, images: torch.Tensor, rank: int, *, backend: Optional[str] = None) -> "LowRankImages":
+    def from_real(cls, images: torch.Tensor, rank: int, *, backend: Optional[str] = None) -> LowRankImages:
         """Projection init: factors of the best rank-``rank`` approximation of each plane of ``images``
         [N, C, H, W] (truncated SVD, see :func:`fastdd.ops.lowrank.lowrank_project`)."""
         a, b = _ops.lowrank_project(images, rank)
@@ -50,7 +50,7 @@ class LowRankImages(nn.Module):
     @classmethod
     def from_noise(cls, num_images: int, channels: int, height: int, width: int, rank: int,
                    generator: torch.Generator, device=None, *, dtype: torch.dtype = torch.float32,
-                   backend: Optional[str] = None) -> "LowRankImages":
+                   backend: Optional[str] = None) -> LowRankImages:
         """Reference init: A [N, C, H, r] then B [N, C, r, W], i.i.d. N(0, 1) drawn in that order from
         ``generator`` on the generator's device, then moved to ``device`` (default: the generator's)."""
         for name, v in (("num_images", num_images), ("channels", channels), ("height", height),

@@ -1,9 +1,11 @@
 """Distillation methods, looked up by name through a registry (see :mod:`fastdd.methods.registry`)."""
-from .registry import get, names, register
+from . import (
+    dance,  # noqa: F401  (registers "dance")
+    ddm,  # noqa: F401  (registers "ddm")
+    dm,  # noqa: F401  (registers "dm")
+    mim4dd,  # noqa: F401  (registers the "mim" add-on and "mim4dd")
+)
 from .base import Method, MethodConfig
-from . import dm  # noqa: F401  (registers "dm")
-from . import dance  # noqa: F401  (registers "dance")
-from . import ddm  # noqa: F401  (registers "ddm")
-from . import mim4dd  # noqa: F401  (registers the "mim" add-on and "mim4dd")
+from .registry import get, names, register
 
 __all__ = ["get", "names", "register", "Method", "MethodConfig"]

@@ -265,11 +265,11 @@ class Method:
         self,
         iterations: Optional[int] = None,
         *,
-        checkpoint: Optional[Callable[["Method"], None]] = None,
+        checkpoint: Optional[Callable[[Method], None]] = None,
         checkpoint_every: int = 0,
         progress: bool = True,
         log_every: int = 0,
-    ) -> "Method":
+    ) -> Method:
         """Iterate until ``iterations`` (default: ``config.iterations``) have been done in total.
 
         ``checkpoint(self)`` is called every ``checkpoint_every`` iterations and at the end.

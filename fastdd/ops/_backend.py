@@ -37,7 +37,7 @@ class BackendUnavailableError(RuntimeError):
     """A backend was requested by name but cannot run on this machine / device."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def native_module():
     """The compiled extension ``fastdd._C`` or ``None`` when it was not built."""
     try:
@@ -63,7 +63,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401
@@ -90,7 +90,7 @@ def backend_available(backend: str, device_type: str, op: str) -> bool:
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_triton_kernels(op: str, interpret: bool):
     path = None
     try:

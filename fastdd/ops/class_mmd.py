@@ -398,7 +398,7 @@ def _check_bandwidths(bandwidths) -> List[float]:
     try:
         values = [float(b) for b in bandwidths]
     except TypeError:
-        raise TypeError(f"bandwidths: expected a number or a sequence of numbers, got {type(bandwidths).__name__}")
+        raise TypeError(f"bandwidths: expected a number or a sequence of numbers, got {type(bandwidths).__name__}") from None
     if not values:
         raise ValueError("bandwidths: expected at least one bandwidth")
     for b in values:

@@ -549,7 +549,7 @@ _fm_native.register_autograd(_make_backward(_fm_native_bwd), setup_context=_setu
 
 
 # ---------------------------------------------------------------------------------- Triton ops
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_ops():
     """Register (once) and return the Triton ops: (moments fwd, moments bwd, gram fwd)."""
     module = _load_triton_module()

@@ -22,7 +22,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from triton_interpreter import INTERPRETING_FROM_START, run_triton_cases_in_child, select_cpu_backend
 
 from fastdd.matchers.moments import MomentMatcher
@@ -518,7 +517,7 @@ def test_gpu_backends_match_float64(backend, dtype, mode):
     shapes = [(64, 16, 16), (128, 8, 8), (5, 7, 9)]
     syn, sl = make_maps(40, 10, shapes, dtype=dtype, device="cuda", seed=11)
     real, rl = make_maps(120, 10, shapes, dtype=dtype, device="cuda", seed=12)
-    for r, s in zip(real, syn):
+    for r in real:
         ref = fm.class_moments_reference(r.double(), rl, 10, mode=mode, higher=True)
         base = fm.class_moments_reference(r.float() if dtype != torch.float32 else r, rl, 10, mode=mode,
                                           higher=True)

@@ -18,7 +18,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from triton_interpreter import INTERPRETING_FROM_START, run_triton_cases_in_child, select_cpu_backend
 
 from fastdd.matchers import LowRankImages
