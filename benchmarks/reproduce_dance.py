@@ -18,46 +18,36 @@ are not recorded.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _harness import environment  # noqa: E402
+from _reproduce import add_common_options, append_rows, fit_timed, table_row  # noqa: E402
 
-from fastdd.data import load_dataset  # noqa: E402
+from fastdd.data import load_dataset, stratified_subset  # noqa: E402
 from fastdd.evaluate import evaluate_synset, protocol_config  # noqa: E402
 from fastdd.experts import PretrainConfig, available_experts, pretrain_experts  # noqa: E402
 from fastdd.methods import get  # noqa: E402
 
 PUBLISHED = {1: "81.5 ± 0.4", 10: "86.3 ± 0.2", 50: "86.9 ± 0.1"}
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "reproduce_dance.md")
-
-
-def _subset(ds, per_class):
-    idx = torch.cat([torch.nonzero(ds.labels == c).flatten()[:per_class] for c in range(ds.num_classes)])
-    return dataclasses.replace(ds, images=ds.images[idx], labels=ds.labels[idx])
+HEADER = ("# DANCE on Fashion-MNIST: fastdd vs published\n\n"
+          "Produced by `python benchmarks/reproduce_dance.py`. Accuracies in %, mean ± std over models, "
+          "IDC protocol; 'best' = best of the test checkpoints (test-set selection, as the reference).")
+COLUMNS = ["IPC", "factor", "iterations", "eval epochs", "models", "fastdd last epoch", "fastdd best",
+           "published DANCE", "pretrain s", "distill s", "eval s", "protocol"]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
+    add_common_options(p, out=None, iterations=10000, batch_real=128, epochs=1500)
     p.add_argument("--experts", default="runs/reproduce_dance/experts")
     p.add_argument("--pretrain-models", type=int, default=20)
     p.add_argument("--pretrain-epochs", type=int, default=60)
     p.add_argument("--num-premodel", type=int, default=5)
     p.add_argument("--factor", type=int, default=2)
-    p.add_argument("--iterations", type=int, default=10000)
-    p.add_argument("--batch-real", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=1500)
-    p.add_argument("--models", type=int, default=5, help="evaluation models per set")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="trivial sizes (CPU check that the pipeline runs)")
     args = p.parse_args(argv)
     train = load_dataset("fashion-mnist", "train", root=args.data_path)
@@ -67,7 +57,7 @@ def main(argv=None) -> int:
         args.ipc, args.pretrain_models, args.pretrain_epochs, args.num_premodel = [1], 1, 1, 1
         args.iterations, args.batch_real, args.epochs, args.models = 2, 8, 2, 1
         args.experts = os.path.join("runs", "reproduce_dance_smoke", "experts")
-        subset, test = 500, _subset(test, 50)
+        subset, test = 500, stratified_subset(test, 50)
     env = environment(args.device)
     full = (not args.smoke and args.pretrain_models >= 20 and args.pretrain_epochs == 60 and args.iterations == 10000
             and args.epochs == 1500 and args.factor == 2 and args.batch_real == 128)
@@ -83,34 +73,21 @@ def main(argv=None) -> int:
         dance = get("dance")
         cfg = dance.config_cls(experts=args.experts, num_premodel=args.num_premodel, ipc=ipc, factor=args.factor,
                                iterations=args.iterations, batch_real=args.batch_real, seed=args.seed)
-        t0 = time.perf_counter()
-        method = dance(cfg, train, device=args.device).fit(progress=sys.stderr.isatty(),
-                                                           log_every=max(1, args.iterations // 10))
-        distill_s = time.perf_counter() - t0
+        method, distill_s = fit_timed(dance, cfg, train, args.device, args.iterations)
         syn = method.synthetic_set()
         ev = protocol_config("idc", num_models=args.models, epochs=args.epochs, seed=args.seed)
         res = evaluate_synset(syn["images"], syn["labels"], train, test, ev, device=args.device,
                               with_baseline=False).to_dict()
-        row = (f"| {env['device']} | {env['date']} | {env['commit']} | {ipc} | {args.factor} | {args.iterations} | "
-               f"{args.epochs} | {args.models} | {res['accuracy_mean']:.1f} ± {res['accuracy_std']:.1f} | "
-               f"{res['best_accuracy_mean']:.1f} ± {res['best_accuracy_std']:.1f} | {PUBLISHED.get(ipc, '-')} | "
-               f"{pretrain_s:.0f} | {distill_s:.0f} | {res['seconds']:.0f} | {'full' if full else 'REDUCED'} |")
-        print(row, flush=True)
-        rows.append(row)
+        rows.append(table_row(
+            env, ipc, args.factor, args.iterations, args.epochs, args.models,
+            f"{res['accuracy_mean']:.1f} ± {res['accuracy_std']:.1f}",
+            f"{res['best_accuracy_mean']:.1f} ± {res['best_accuracy_std']:.1f}", PUBLISHED.get(ipc, "-"),
+            f"{pretrain_s:.0f}", f"{distill_s:.0f}", f"{res['seconds']:.0f}", "full" if full else "REDUCED"))
+        print(rows[-1], flush=True)
     if args.smoke:
         print("smoke run: not recorded")
         return 0
-    new = not os.path.exists(RESULTS)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "a") as fh:
-        if new:
-            fh.write("# DANCE on Fashion-MNIST: fastdd vs published\n\n"
-                     "Produced by `python benchmarks/reproduce_dance.py`. Accuracies in %, mean ± std over models, "
-                     "IDC protocol; 'best' = best of the test checkpoints (test-set selection, as the reference).\n\n"
-                     "| device | date | commit | IPC | factor | iterations | eval epochs | models | fastdd last epoch |"
-                     " fastdd best | published DANCE | pretrain s | distill s | eval s | protocol |\n"
-                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-        fh.write("\n".join(rows) + "\n")
+    append_rows("reproduce_dance.md", HEADER, COLUMNS, rows)
     return 0
 
 

@@ -35,22 +35,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import environment  # noqa: E402
+from _reproduce import add_common_options, append_rows, fit_timed, table_row  # noqa: E402
 
-from fastdd.data import (
-    load_dataset,  # noqa: E402
-    stratified_subset,  # noqa: E402
-)
+from fastdd.data import load_dataset, stratified_subset  # noqa: E402
 from fastdd.evaluate import EvalConfig, evaluate_synset  # noqa: E402
 from fastdd.methods import get  # noqa: E402
 from fastdd.synset import save_synset  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "reproduce_lowrank.md")
 SETTINGS = {  # name -> (dataset, ipc, rank, lr_img, dsa)
     "fmnist-1": ("fashion-mnist", 1, 2, 1.0, True),
     "fmnist-10": ("fashion-mnist", 10, 2, 1.0, True),
@@ -58,21 +54,21 @@ SETTINGS = {  # name -> (dataset, ipc, rank, lr_img, dsa)
     "cifar10-10": ("cifar10", 10, 2, 1.0, True),
     "cifar10-50": ("cifar10", 50, 4, 1000.0, True),
 }
+HEADER = ("# LoDM (low-rank plugin over DM): fastdd reproduction runs\n\n"
+          "Produced by `python benchmarks/reproduce_lowrank.py`. Accuracy in %, mean ± std over models; "
+          "the baseline is a random real subset with the same number of images per class as the "
+          "low-rank set (more images than the storage budget allows a plain set). "
+          "Published numbers: not verified (see the spec).")
+COLUMNS = ["setting", "rank", "images/class", "stored / plain floats", "iterations", "eval epochs", "models",
+           "fastdd LoDM", "random subset (same count)", "distil s", "eval s", "budget"]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--setting", nargs="+", default=["fmnist-1", "fmnist-10", "cifar10-1", "cifar10-10"],
                    choices=sorted(SETTINGS))
-    p.add_argument("--iterations", type=int, default=20000)
-    p.add_argument("--batch-real", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=1000)
-    p.add_argument("--models", type=int, default=5)
+    add_common_options(p, out="runs/reproduce_lowrank", ipc=None)
     p.add_argument("--rank-rounding", default="code", choices=("code", "readme"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--out", default="runs/reproduce_lowrank")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="trivial Fashion-MNIST budget to check the pipeline")
     args = p.parse_args(argv)
     test_subset = 0
@@ -82,7 +78,7 @@ def main(argv=None) -> int:
 
     env = environment(args.device)
     full = (args.iterations == 20000 and args.epochs == 1000 and args.batch_real == 256 and args.models >= 5)
-    lines = []
+    rows = []
     for name in args.setting:
         dataset, ipc, rank, lr_img, dsa = SETTINGS[name]
         train = load_dataset(dataset, "train", root=args.data_path)
@@ -93,10 +89,7 @@ def main(argv=None) -> int:
         cfg = dm.config_cls(ipc=ipc, rank=rank, rank_rounding=args.rank_rounding, init="noise", lr_img=lr_img,
                             momentum_img=0.5, iterations=args.iterations, batch_real=args.batch_real, dsa=dsa,
                             seed=args.seed)
-        start = time.perf_counter()
-        method = dm(cfg, train, device=args.device).fit(progress=sys.stderr.isatty(),
-                                                         log_every=max(1, args.iterations // 10))
-        distill_s = time.perf_counter() - start
+        method, distill_s = fit_timed(dm, cfg, train, args.device, args.iterations)
         syn = method.synthetic_set()
         stored = sum(v.numel() for v in syn.values() if v.is_floating_point())
         plain = train.num_classes * ipc * train.channels * train.image_size[0] * train.image_size[1]
@@ -109,28 +102,15 @@ def main(argv=None) -> int:
         with torch.no_grad():
             images = method.images.detach().float()
         res = evaluate_synset(images, method.labels, train, test, ev, device=args.device).to_dict()
-        line = (f"| {env['device']} | {env['date']} | {env['commit']} | {name} | {rank} | {method.images_per_class} | "
-                f"{stored} / {plain} | {args.iterations} | {args.epochs} | {args.models} | "
-                f"{res['accuracy_mean']:.1f} ± {res['accuracy_std']:.1f} | "
-                f"{res['random_baseline_mean']:.1f} ± {res['random_baseline_std']:.1f} | {distill_s:.0f} | "
-                f"{res['seconds']:.0f} | {'full' if full else ('SMOKE' if args.smoke else 'REDUCED')} |")
-        print(line, flush=True)
-        lines.append(line)
+        rows.append(table_row(
+            env, name, rank, method.images_per_class, f"{stored} / {plain}", args.iterations, args.epochs,
+            args.models, f"{res['accuracy_mean']:.1f} ± {res['accuracy_std']:.1f}",
+            f"{res['random_baseline_mean']:.1f} ± {res['random_baseline_std']:.1f}", f"{distill_s:.0f}",
+            f"{res['seconds']:.0f}", "full" if full else ("SMOKE" if args.smoke else "REDUCED")))
+        print(rows[-1], flush=True)
     if args.smoke:  # a smoke run checks the pipeline; it is not a result
         return 0
-    new = not os.path.exists(RESULTS)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "a") as fh:
-        if new:
-            fh.write("# LoDM (low-rank plugin over DM): fastdd reproduction runs\n\n"
-                     "Produced by `python benchmarks/reproduce_lowrank.py`. Accuracy in %, mean ± std over models; "
-                     "the baseline is a random real subset with the same number of images per class as the "
-                     "low-rank set (more images than the storage budget allows a plain set). "
-                     "Published numbers: not verified (see the spec).\n\n"
-                     "| device | date | commit | setting | rank | images/class | stored / plain floats | iterations | "
-                     "eval epochs | models | fastdd LoDM | random subset (same count) | distil s | eval s | budget |\n"
-                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-        fh.write("\n".join(lines) + "\n")
+    append_rows("reproduce_lowrank.md", HEADER, COLUMNS, rows)
     return 0
 
 

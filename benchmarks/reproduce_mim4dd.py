@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reproduce_ddm import parser, run  # noqa: E402
+from _reproduce import method_parser, run_method  # noqa: E402
 
 PUBLISHED = {
     "cifar10": {1: "DM 26.0; MTT 46.3; MIM4DD UNVERIFIED", 10: "DM 48.9; MTT 65.3; MIM4DD UNVERIFIED",
@@ -27,8 +27,8 @@ PUBLISHED = {
 
 
 def main(argv=None) -> int:
-    args = parser(__doc__.split("\n")[0], "runs/reproduce_mim4dd").parse_args(argv)
-    return run("mim4dd", PUBLISHED, "reproduce_mim4dd.md", "MIM4DD (DM + mim add-on): fastdd vs published", args)
+    args = method_parser(__doc__.split("\n")[0], "runs/reproduce_mim4dd", "cifar10").parse_args(argv)
+    return run_method("mim4dd", PUBLISHED, "reproduce_mim4dd.md", "MIM4DD (DM + mim add-on): fastdd vs published", args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,139 @@
+"""Shared pieces of the ``reproduce_<method>.py`` scripts: the common command-line options, one timed
+distillation, the row of a results table, and appending rows to ``benchmarks/results/<name>.md``.
+
+Each script keeps what is its own (protocol, published numbers, extra columns); everything they had in
+common lives here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_common_options(p: argparse.ArgumentParser, *, out: str | None, ipc=(1, 10, 50), iterations: int = 20000,
+                       batch_real: int = 256, epochs: int = 1000, models: int = 5) -> argparse.ArgumentParser:
+    """Options every reproduction script takes, with that script's protocol as the defaults (``ipc=None``: the
+    script picks its IPCs itself and gets no ``--ipc``; ``out=None``: no ``--out``)."""
+    if ipc is not None:
+        p.add_argument("--ipc", type=int, nargs="+", default=list(ipc))
+    p.add_argument("--iterations", type=int, default=iterations)
+    p.add_argument("--batch-real", type=int, default=batch_real)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--models", type=int, default=models, help="evaluation models per set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-path", default=None)
+    if out is not None:
+        p.add_argument("--out", default=out)
+    p.add_argument("--device", default=default_device())
+    return p
+
+
+def parse_config_sets(cls, items) -> dict:
+    """``["field=value", ...]`` -> {field: value} typed by ``cls.config_cls``'s defaults."""
+    types = {f.name: type(f.default) for f in dataclasses.fields(cls.config_cls)}
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"--set: unknown field {key!r} of {cls.config_cls.__name__}")
+        kind = types[key]
+        out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return out
+
+
+def fit_timed(cls, cfg, train, device, iterations: int):
+    """Build ``cls(cfg, train)`` on ``device`` and run it; returns (method, seconds)."""
+    start = time.perf_counter()
+    method = cls(cfg, train, device=device).fit(progress=sys.stderr.isatty(), log_every=max(1, iterations // 10))
+    return method, time.perf_counter() - start
+
+
+def table_row(env: dict, *cells) -> str:
+    """One Markdown table row: device, date, commit, then ``cells``."""
+    return "| " + " | ".join([str(env["device"]), str(env["date"]), str(env["commit"]), *map(str, cells)]) + " |"
+
+
+def append_rows(name: str, header: str, columns, rows) -> str:
+    """Append ``rows`` to ``benchmarks/results/<name>``, writing ``header`` and the column line first when
+    the file is new. ``columns``: the names after device, date, commit. Returns the path."""
+    path = os.path.join(RESULTS_DIR, name)
+    new = not os.path.exists(path)
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    cols = ["device", "date", "commit", *columns]
+    with open(path, "a") as fh:
+        if new:
+            fh.write(header.rstrip() + "\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+        fh.write("\n".join(rows) + "\n")
+    return path
+
+
+def method_parser(description: str, out: str, dataset: str) -> argparse.ArgumentParser:
+    """Parser of a script that runs one registered method with DM's protocol on ``--dataset``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--dataset", default=dataset)
+    add_common_options(p, out=out)
+    p.add_argument("--smoke", action="store_true", help="trivial CPU run on digits; nothing is appended")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="extra method config fields, e.g. gram_weight=1e4 style_accumulator=reset")
+    return p
+
+
+def run_method(method_name: str, published: dict, results_name: str, title: str, args, extra=None) -> int:
+    """Distil ``args.dataset`` with ``method_name`` at every ``args.ipc``, evaluate each set with DM's protocol
+    against its initial real subset (paired), print a row per IPC and append them to ``results_name``.
+    ``published``: {dataset: {ipc: text}} shown beside ours."""
+    from _harness import environment
+
+    from fastdd.data import load_dataset
+    from fastdd.evaluate import EvalConfig, evaluate_synset
+    from fastdd.methods import get
+    from fastdd.synset import save_synset
+
+    if args.smoke:
+        args.dataset, args.ipc, args.iterations, args.batch_real = "digits", [2], 2, 8
+        args.epochs, args.models, args.device = 2, 1, "cpu"
+    train = load_dataset(args.dataset, "train", root=args.data_path)
+    test = load_dataset(args.dataset, "test", root=args.data_path)
+    env = environment(args.device)
+    full = args.iterations == 20000 and args.epochs == 1000 and args.batch_real == 256 and args.models >= 5
+    cls = get(method_name)
+    fields = dict(extra or {})
+    fields.update(parse_config_sets(cls, args.set))
+    if args.smoke:
+        fields.setdefault("model", "ConvNetD2")
+    rows = []
+    for ipc in args.ipc:
+        cfg = cls.config_cls(ipc=ipc, iterations=args.iterations, batch_real=args.batch_real, seed=args.seed, **fields)
+        method, distill_s = fit_timed(cls, cfg, train, args.device, args.iterations)
+        syn = method.synthetic_set()
+        save_synset(os.path.join(args.out, f"{args.dataset}_ipc{ipc}"), syn, cfg.to_dict(),
+                    {"dataset": train.name, "mean": list(train.mean), "std": list(train.std), "method": method_name})
+        ev = EvalConfig(num_models=args.models, epochs=args.epochs, seed=args.seed,
+                        **({"model": "ConvNetD2"} if args.smoke else {}))
+        result = evaluate_synset(syn["images"], syn["labels"], train, test, ev, device=args.device,
+                                 baseline_indices=syn.get("init_indices")).to_dict()
+        rows.append(table_row(
+            env, args.dataset, ipc, args.iterations, args.epochs, args.models,
+            f"{result['accuracy_mean']:.1f} ± {result['accuracy_std']:.1f}",
+            f"{result['random_baseline_mean']:.1f} ± {result['random_baseline_std']:.1f}",
+            published.get(args.dataset, {}).get(ipc, "-"), f"{distill_s:.0f}", f"{result['seconds']:.0f}",
+            "full" if full else "REDUCED"))
+        print(rows[-1], flush=True)
+    if args.smoke:
+        print("smoke run: nothing appended", flush=True)
+        return 0
+    append_rows(results_name, f"# {title}\n\nAccuracies in %, mean ± std over models.",
+                ["dataset", "IPC", "iterations", "eval epochs", "models", f"fastdd {method_name}",
+                 "initial real subset", "published", "distill s", "eval s", "protocol"], rows)
+    return 0
