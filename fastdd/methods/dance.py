@@ -155,7 +155,7 @@ class DANCE(Method):
             for p in net.parameters():
                 p.requires_grad_(False)
         self.aug = IDCAugment(config.match_strategy) if config.dsa else None
-        self.matcher = MMDMatcher()
+        self.matcher = MMDMatcher(validate=False)  # labels checked once when the method is built
         self.decoded_per_class = self.images_per_class * config.factor ** 2
         self.decoded_labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(
             self.decoded_per_class)

@@ -143,7 +143,7 @@ class DDMLoss:
         self.config = config
         self.num_classes = num_classes
         self.n = images_per_class
-        self.mmd = MMDMatcher()
+        self.mmd = MMDMatcher(validate=False)  # labels checked once when the method is built
         self.style_on = config.style_weight > 0 or config.gram_weight > 0
         self.style = MomentMatcher(mode=config.style_mode, relative=config.style_relative,
                                    moment_weight=config.style_weight, gram_weight=config.gram_weight,
