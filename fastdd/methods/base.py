@@ -35,9 +35,8 @@ from ..validation import check_labels, check_positive_int, check_tensor
 
 
 @dataclass
-class MethodConfig(*reversed(config_classes())):
-    """Options every method shares (field names double as CLI flags: ``batch_real`` -> ``--batch-real``),
-    plus the flat fields of every registered plugin config (:mod:`fastdd.plugins`: ``rank``, ``mim_*``)."""
+class SharedOptions:
+    """Options every method shares (field names double as CLI flags: ``batch_real`` -> ``--batch-real``)."""
 
     ipc: int = 10  # synthetic images per class
     iterations: int = 1000  # outer iterations of the run
@@ -49,6 +48,12 @@ class MethodConfig(*reversed(config_classes())):
     batch_real: int = 256  # real images per class per iteration
     dsa: bool = True  # differentiable siamese augmentation during matching
     dsa_strategy: str = ""  # "" picks the dataset default (fastdd.augment.dsa_strategy_for)
+
+
+@dataclass
+class MethodConfig(*reversed(config_classes()), SharedOptions):
+    """:class:`SharedOptions` followed by the flat fields of every registered plugin config
+    (:mod:`fastdd.plugins`: ``rank``, ``rank_rounding``, ``mim_*``), in that order."""
 
     def validate(self) -> None:
         check_positive_int("ipc", self.ipc)
