@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_beats_initial_subset
 
 from fastdd.augment import DSA
-from fastdd.data import stratified_subset
 from fastdd.matchers.diversity import icd_k, icd_loss
 from fastdd.methods import get
 from fastdd.methods.ddm import DDMConfig, DDMLoss, legacy_class_weights
@@ -236,15 +236,9 @@ def test_ddm_step_reproducible_and_loss_terms_logged(digits_train):
 
 # ------------------------------------------------------------------------------------------ real data
 def test_ddm_beats_its_initial_real_subset_on_fashion_mnist(fmnist):
-    from fastdd.evaluate import EvalConfig, evaluate_synset
+    from fastdd.evaluate import EvalConfig
 
     train, test = fmnist
     cls = get("ddm")
     method = cls(DDMConfig(ipc=2, iterations=40, batch_real=16, seed=0), train).fit(progress=False)
-    syn = method.synthetic_set()
-    cfg = EvalConfig(num_models=2, epochs=60, seed=0, faithful_epochs=False)
-    result = evaluate_synset(syn["images"], syn["labels"], train, stratified_subset(test, 200), cfg,
-                             baseline_indices=syn["init_indices"])
-    d = result.to_dict()
-    print(result.summary())
-    assert d["accuracy_mean"] >= d["random_baseline_mean"] + 3.0, d
+    assert_beats_initial_subset(method, train, test, EvalConfig(num_models=2, epochs=60, seed=0, faithful_epochs=False), 3.0)

@@ -5,8 +5,9 @@ The same property as the README's headline command (IPC 1, batch-real 32, 300 it
 """
 from __future__ import annotations
 
-from fastdd.data import stratified_subset
-from fastdd.evaluate import EvalConfig, evaluate_synset
+from helpers import assert_beats_initial_subset
+
+from fastdd.evaluate import EvalConfig
 from fastdd.methods import get
 
 MARGIN = 3.0  # percentage points
@@ -16,10 +17,4 @@ def test_dm_beats_its_initial_real_subset_on_fashion_mnist(fmnist):
     train, test = fmnist
     dm = get("dm")
     method = dm(dm.config_cls(ipc=1, iterations=60, batch_real=16, seed=0), train).fit(progress=False)
-    syn = method.synthetic_set()
-    cfg = EvalConfig(num_models=3, epochs=100, seed=0, faithful_epochs=False)
-    result = evaluate_synset(syn["images"], syn["labels"], train, stratified_subset(test, 200), cfg,
-                             baseline_indices=syn["init_indices"])
-    d = result.to_dict()
-    print(result.summary())
-    assert d["accuracy_mean"] >= d["random_baseline_mean"] + MARGIN, d
+    assert_beats_initial_subset(method, train, test, EvalConfig(num_models=3, epochs=100, seed=0, faithful_epochs=False), MARGIN)

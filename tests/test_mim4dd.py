@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_beats_initial_subset
 
 from fastdd.cli import main
-from fastdd.data import stratified_subset
 from fastdd.methods import get
 from fastdd.methods.dm import DMConfig, embed_pairs
 from fastdd.methods.mim4dd import MIM4DDConfig
@@ -159,14 +159,8 @@ def test_cli_distills_and_saved_set_reloads_with_plain_torch(tmp_path, argv):
 
 # ------------------------------------------------------------------------------------------ real data
 def test_mim4dd_beats_its_initial_real_subset_on_fashion_mnist(fmnist):
-    from fastdd.evaluate import EvalConfig, evaluate_synset
+    from fastdd.evaluate import EvalConfig
 
     train, test = fmnist
     method = get("mim4dd")(MIM4DDConfig(ipc=1, iterations=60, batch_real=16, seed=0), train).fit(progress=False)
-    syn = method.synthetic_set()
-    cfg = EvalConfig(num_models=2, epochs=60, seed=0, faithful_epochs=False)
-    result = evaluate_synset(syn["images"], syn["labels"], train, stratified_subset(test, 200), cfg,
-                             baseline_indices=syn["init_indices"])
-    d = result.to_dict()
-    print(result.summary())
-    assert d["accuracy_mean"] >= d["random_baseline_mean"] + 3.0, d
+    assert_beats_initial_subset(method, train, test, EvalConfig(num_models=2, epochs=60, seed=0, faithful_epochs=False), 3.0)

@@ -114,12 +114,6 @@ class ImageDataset:
         """Number of images per class, int64 ``[num_classes]`` (on the labels' device)."""
         return torch.bincount(self.labels, minlength=self.num_classes)
 
-    def sampler(self):
-        """A :class:`fastdd.data.ClassSampler` over this split (on its device)."""
-        from .sampler import ClassSampler
-
-        return ClassSampler(self.images, self.labels, self.num_classes)
-
 
 # --------------------------------------------------------------------------------------------------
 def normalize_pixels(

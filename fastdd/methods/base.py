@@ -30,11 +30,12 @@ from typing import Callable, Optional
 import torch
 
 from ..data import ClassSampler, ImageDataset
-from ..validation import check_positive_int, check_tensor
+from ..plugins import config_classes, validate_plugins
+from ..validation import check_labels, check_positive_int, check_tensor
 
 
 @dataclass
-class MethodConfig:
+class SharedOptions:
     """Options every method shares (field names double as CLI flags: ``batch_real`` -> ``--batch-real``)."""
 
     ipc: int = 10  # synthetic images per class
@@ -47,21 +48,12 @@ class MethodConfig:
     batch_real: int = 256  # real images per class per iteration
     dsa: bool = True  # differentiable siamese augmentation during matching
     dsa_strategy: str = ""  # "" picks the dataset default (fastdd.augment.dsa_strategy_for)
-    rank: int = 0  # low-rank plugin: 0 = plain images; r >= 1 = each channel stored as A[H,r] @ B[r,W]
-    rank_rounding: str = "code"  # images per class at the same storage: "code" (reference) or "readme"
-    # ---- MIM4DD add-on (fastdd.methods.mim4dd; every choice unverified, see its docstring) ----
-    mim_weight: float = 0.0  # weight of the mutual-information term; 0 = add-on off
-    mim_temperature: float = 0.1  # InfoNCE temperature tau
-    mim_form: str = "supcon"  # "supcon" (multi-positive InfoNCE) | "nce" (CRD binary critic)
-    mim_layers: str = "all"  # "all" (every conv block's tap) | "last" (the embedding)
-    mim_pool: str = "mean"  # global average pool of each tap before the head (flatten: infeasible)
-    mim_head: str = "linear"  # "linear" (learned per-layer heads to mim_dim, L2-normalised) | "none"
-    mim_dim: int = 128  # head output width
-    mim_lr: float = 0.05  # SGD (momentum 0.9) learning rate of the heads
-    mim_symmetric: bool = False  # also real anchors (both directions)
-    mim_shared_head: bool = False  # one head per layer for both sides (default: separate real / syn heads)
-    mim_layer_reduction: str = "sum"  # "sum" | "mean" over layers
-    # ---- end MIM4DD add-on ----
+
+
+@dataclass
+class MethodConfig(*reversed(config_classes()), SharedOptions):
+    """:class:`SharedOptions` followed by the flat fields of every registered plugin config
+    (:mod:`fastdd.plugins`: ``rank``, ``rank_rounding``, ``mim_*``), in that order."""
 
     def validate(self) -> None:
         check_positive_int("ipc", self.ipc)
@@ -71,12 +63,7 @@ class MethodConfig:
             raise ValueError(f"init: expected 'real' or 'noise', got {self.init!r}")
         if not self.lr_img > 0:
             raise ValueError(f"lr_img: must be > 0, got {self.lr_img}")
-        check_positive_int("rank", self.rank, minimum=0)
-        if self.rank_rounding not in ("code", "readme"):
-            raise ValueError(f"rank_rounding: expected 'code' or 'readme', got {self.rank_rounding!r}")
-        from .mim4dd import validate_mim_config  # MIM4DD add-on fields
-
-        validate_mim_config(self)
+        validate_plugins(self)  # the plugins' own fields (rank*, mim_*)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,6 +116,9 @@ class Method:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.iteration = 0
         self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.images_per_class)
+        # validate once: the labels never change, so the per-iteration matchers run with validate=False
+        # (no device->host sync in the step); the class-count check above guarantees every class on both sides
+        check_labels("labels", self.labels, self.num_classes)
         self.init_indices: Optional[torch.Tensor] = None
         self.synth = self._initial_parameterisation().to(self.device)
         self.optimizer = torch.optim.SGD(self.synth.parameters(), lr=config.lr_img, momentum=config.momentum_img)
@@ -243,11 +233,7 @@ class Method:
         if differing:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in differing)
             raise ValueError(f"checkpoint: configuration differs from this run ({detail})")
-        if "synth" in state:
-            self.synth.load_state_dict({k: v.to(self.device) for k, v in state["synth"].items()})
-        else:  # checkpoints written before the parameterisation existed held the pixels as "images"
-            with torch.no_grad():
-                self.synth.images.copy_(state["images"].to(self.device))
+        self.synth.load_state_dict({k: v.to(self.device) for k, v in state["synth"].items()})
         self.optimizer.load_state_dict(state["optimizer"])
         saved_addons = state.get("addons", {})
         if sorted(saved_addons) != sorted(self.addons):

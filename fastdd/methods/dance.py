@@ -155,7 +155,7 @@ class DANCE(Method):
             for p in net.parameters():
                 p.requires_grad_(False)
         self.aug = IDCAugment(config.match_strategy) if config.dsa else None
-        self.matcher = MMDMatcher()
+        self.matcher = MMDMatcher(validate=False)  # labels checked once when the method is built
         self.decoded_per_class = self.images_per_class * config.factor ** 2
         self.decoded_labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(
             self.decoded_per_class)
@@ -240,8 +240,17 @@ class DANCE(Method):
         ``addon_syn_labels`` the class labels of ``syn``: in the per-class step mode the add-ons (MIM4DD's
         contrastive term needs negatives from the other classes) compare the class's synthetic images
         with these instead of with the one class of the MMD term."""
+        draws = None
         if self.aug is not None:
             draws = self.aug.draw(num_groups, self.generator, tuple(real.shape[-2:]), device=self.device)
+        return self.inner_loss_drawn(real, syn, real_labels, syn_labels, num_groups, draws, addon_real,
+                                     addon_syn_labels)
+
+    def inner_loss_drawn(self, real, syn, real_labels, syn_labels, num_groups: int, draws, addon_real=None,
+                         addon_syn_labels=None):
+        """:meth:`inner_loss` given its augmentation ``draws`` (None: no augmentation): tensors only, no
+        random draw and no host sync (compiles with ``torch.compile(fullgraph=True)``)."""
+        if draws is not None:
             with torch.no_grad():
                 real = self.aug.apply(real, draws, real_labels)
             syn = self.aug.apply(syn, draws, syn_labels)

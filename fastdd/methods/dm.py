@@ -111,24 +111,33 @@ class DM(Method):
             p.requires_grad_(False)
         strategy = config.dsa_strategy or dsa_strategy_for(ds.name)
         self.dsa = DSA(strategy) if config.dsa else None
-        self.matcher = MMDMatcher()
+        self.matcher = MMDMatcher(validate=False)  # labels checked once when the method is built
         self.real_chunk = default_real_chunk(self.device) if config.real_chunk < 0 else config.real_chunk
 
-    def step(self) -> float:
-        cfg = self.config
-        real, real_labels = self.sampler.sample(cfg.batch_real, self.generator)
+    def draw(self):
+        """The iteration's random draws, eagerly and in the reference order from the run's generator:
+        (real [K*batch_real, C, H, W], real_labels [K*batch_real], DSA draw or None); also re-initialises
+        the embedding network."""
+        real, real_labels = self.sampler.sample(self.config.batch_real, self.generator)
         init_parameters(self.net, self.generator)
         draw = None
         if self.dsa is not None:
             draw = self.dsa.draw(self.num_classes, self.generator, self.dataset.image_size)
+        return real, real_labels, draw
+
+    def loss(self, real, real_labels, syn, draw) -> torch.Tensor:
+        """The iteration's loss (0-d) from tensors only: no random draw and no host sync, so it compiles
+        with ``torch.compile(fullgraph=True)``. syn: the synthetic images [K*n, C, H, W]."""
         if self.addons:
             taps = self.needs_taps
-            out = embed_pairs(self.net, self.dsa, draw, real, real_labels, self.images, self.labels,
+            out = embed_pairs(self.net, self.dsa, draw, real, real_labels, syn, self.labels,
                               self.real_chunk, taps=taps)
             real_feat, real_taps, syn_feat, syn_taps = out if taps else (out[0], None, out[1], None)
             loss = self.matcher(real_feat, real_labels, syn_feat, self.labels, self.num_classes)
-            loss = loss + self.addon_loss(real_feat, real_taps, real_labels, syn_feat, syn_taps, self.labels)
-        else:
-            loss = dm_loss_batched(self.net, self.dsa, draw, real, real_labels, self.images, self.labels,
-                                   self.num_classes, self.matcher, self.real_chunk)
-        return self.update(loss)
+            return loss + self.addon_loss(real_feat, real_taps, real_labels, syn_feat, syn_taps, self.labels)
+        return dm_loss_batched(self.net, self.dsa, draw, real, real_labels, syn, self.labels,
+                               self.num_classes, self.matcher, self.real_chunk)
+
+    def step(self) -> float:
+        real, real_labels, draw = self.draw()
+        return self.update(self.loss(real, real_labels, self.images, draw))

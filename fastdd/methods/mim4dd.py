@@ -51,37 +51,13 @@ from torch import nn
 
 from ..matchers import InfoNCEMatcher
 from ..models import init_parameters
+from ..plugins.mim_config import FORMS, HEADS, LAYER_REDUCTIONS, LAYERS, POOLS, validate_mim_config  # noqa: F401  (re-exported)
 from .addons import register_addon
 from .dm import DM, DMConfig
 from .registry import register
 
-FORMS = ("supcon", "nce")
-LAYERS = ("all", "last")
-POOLS = ("mean",)
-HEADS = ("linear", "none")
-LAYER_REDUCTIONS = ("sum", "mean")
 HEAD_SEED_TAG = 0x4D494D  # 'MIM': second entropy word of the heads' SeedSequence
 HEAD_MOMENTUM = 0.9
-
-
-def validate_mim_config(cfg) -> None:
-    """Check the ``mim_*`` fields of a :class:`~fastdd.methods.base.MethodConfig` (raises ``ValueError``)."""
-    if not cfg.mim_weight >= 0:
-        raise ValueError(f"mim_weight: must be >= 0 (0 = off), got {cfg.mim_weight}")
-    if not cfg.mim_temperature > 0:
-        raise ValueError(f"mim_temperature: must be > 0, got {cfg.mim_temperature}")
-    for name, allowed in (("mim_form", FORMS), ("mim_layers", LAYERS), ("mim_head", HEADS),
-                          ("mim_layer_reduction", LAYER_REDUCTIONS)):
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name}: expected one of {allowed}, got {getattr(cfg, name)!r}")
-    if cfg.mim_pool not in POOLS:
-        extra = (" (flattening the taps is not supported: 131k dims per 32x32 tap would need a 16.8M-parameter "
-                 "head per layer)" if cfg.mim_pool == "flatten" else "")
-        raise ValueError(f"mim_pool: expected one of {POOLS}, got {cfg.mim_pool!r}{extra}")
-    if isinstance(cfg.mim_dim, bool) or not isinstance(cfg.mim_dim, int) or cfg.mim_dim < 1:
-        raise ValueError(f"mim_dim: expected a positive int, got {cfg.mim_dim!r}")
-    if not cfg.mim_lr > 0:
-        raise ValueError(f"mim_lr: must be > 0, got {cfg.mim_lr}")
 
 
 def _feature_dims(method) -> list:
