@@ -6,6 +6,7 @@ never a truncated file.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -45,5 +46,31 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike) -> Any:
-    """Load a checkpoint written by :func:`save_atomic` (CPU tensors, safe unpickler)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a file written by :func:`save_atomic` (CPU tensors, safe unpickler).
+
+    A missing, empty, truncated or foreign file raises :class:`fastdd.errors.UsageError` naming it.
+    """
+    from .errors import UsageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: does not exist")
+    if path.stat().st_size == 0:
+        raise UsageError(f"{path}: is empty (damaged file; delete it or rerun with --force)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{path}: damaged or not a fastdd file ({type(exc).__name__}: {reason[:120]})") from exc
+
+
+def clean_stale_tmp(directory: str | os.PathLike) -> list:
+    """Remove the ``.NAME.*.tmp`` leftovers of atomic writes killed mid-way in ``directory``."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for tmp in directory.glob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink()
+                removed.append(tmp)
+    return removed

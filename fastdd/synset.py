@@ -75,7 +75,11 @@ def load_synset(path: str | os.PathLike) -> dict:
         path = path / SYNSET_FILE
     if not path.exists():
         raise FileNotFoundError(f"synthetic set: {path} does not exist (run `fastdd distill` first)")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    from .checkpoint import load
+
+    data = load(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"synthetic set: {path} is not a dict; not a fastdd synthetic set")
     if "images" not in data and "factor_a" in data:
         data["images"] = synset_images(data)
     for key in ("images", "labels", "config", "metadata"):
