@@ -56,7 +56,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", ski
         text = f.metadata.get("help") or notes.get(f.name, "")
         help_ = f"{text} (default: {default})" if text else f"(default: {default})"
         kind, many = _base_type(hints[f.name])
-        if kind is bool:
+        if f.metadata.get("positional"):
+            group.add_argument(dest, type=kind, metavar=f.name.upper(), help=text)
+        elif kind is bool:
             group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             group.add_argument(*names, dest=dest, type=kind if callable(kind) else str, default=None,
