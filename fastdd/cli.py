@@ -238,17 +238,15 @@ def cmd_evaluate(args, _method_cls=None) -> int:
     from .evaluate import EvalConfig, evaluate_synset, protocol_config
     from .synset import load_synset
 
+    given = values_from_args(EvalConfig, args)
+    cfg = make_config(protocol_config, dict(given, name=given.pop("protocol", "dm")))
     device = check_device(args.device)
     syn = user_errors("synthetic set", load_synset, args.dir)
     meta, config = syn["metadata"], syn["config"]
-    given = values_from_args(EvalConfig, args)
-    protocol = given.pop("protocol", "dm")
-    given.setdefault("model", config.get("model", "ConvNet"))
-    if protocol == "dm":
-        given.setdefault("dsa_strategy", config.get("dsa_strategy", ""))
-    cfg = user_errors("", protocol_config, protocol, **given)
-    if hasattr(cfg, "validate"):
-        user_errors("", cfg.validate)
+    defaults = {"model": config.get("model", "ConvNet")}  # the distillation network and augmentation
+    if cfg.protocol == "dm":
+        defaults["dsa_strategy"] = config.get("dsa_strategy", "")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
     train, test = _load_data(meta["dataset"], args.data_path, "train", "test")
     if not hasattr(cfg, "allow_missing_classes"):  # evaluate.py without the set check: no conversion
         result = evaluate_synset(syn["images"], syn["labels"], train, test, cfg, device=device,
@@ -288,7 +286,7 @@ def cmd_pretrain(args, _method_cls=None) -> int:
 def cmd_continual(args, method_cls) -> int:
     from . import __version__
     from .checkpoint import atomic_write
-    from .continual import ContinualConfig, format_table, run_continual
+    from .continual import ContinualConfig, check_inputs, format_table, run_continual
     from .data import stratified_subset
     from .evaluate import EvalConfig
 
@@ -305,6 +303,7 @@ def cmd_continual(args, method_cls) -> int:
                             torch.Generator().manual_seed(config.seed))
     if args.test_per_class:
         test = user_errors("--test-per-class", stratified_subset, test, args.test_per_class)
+    user_errors("", check_inputs, train, test, cl, config.ipc)
     prepare_out(out, args.force)
     result = run_continual(method_cls.name, config, train, test, cl, ev, device=device,
                            log=lambda s: print(s, flush=True), progress=args.progress)
