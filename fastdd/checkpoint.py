@@ -6,6 +6,7 @@ never a truncated file.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -45,5 +46,82 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike) -> Any:
-    """Load a checkpoint written by :func:`save_atomic` (CPU tensors, safe unpickler)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a file written by :func:`save_atomic` (CPU tensors, safe unpickler).
+
+    A missing, empty, truncated or foreign file raises :class:`fastdd.errors.UsageError` naming it.
+    """
+    from .errors import UsageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: does not exist")
+    if path.stat().st_size == 0:
+        raise UsageError(f"{path}: is empty (damaged file; delete it or rerun with --force)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{path}: damaged or not a fastdd file ({type(exc).__name__}: {reason[:120]})") from exc
+
+
+def clean_stale_tmp(directory: str | os.PathLike) -> list:
+    """Remove the ``.NAME.*.tmp`` leftovers of atomic writes killed mid-way in ``directory``."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for tmp in directory.glob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def dataset_fingerprint(dataset) -> str:
+    """A cheap identity of a dataset: SHA-256 over its labels, image shape and a strided sample of pixels."""
+    import hashlib
+
+    h = hashlib.sha256()
+    images = dataset.images
+    h.update(repr((dataset.name, tuple(images.shape), int(dataset.num_classes))).encode())
+    h.update(dataset.labels.detach().cpu().to(torch.int64).numpy().tobytes())
+    flat = images.detach().reshape(-1)
+    step = max(1, flat.numel() // 65536)
+    h.update(flat[::step].cpu().to(torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_identity(kind: str, name: str, config: dict, dataset) -> dict:
+    """What a checkpoint belongs to: command kind, method/run name, config, dataset name and fingerprint,
+    image shape and fastdd version."""
+    from . import __version__
+
+    return {"kind": kind, "name": name, "config": dict(config), "dataset": dataset.name,
+            "fingerprint": dataset_fingerprint(dataset), "image_shape": list(dataset.images.shape[1:]),
+            "fastdd_version": __version__}
+
+
+def wrap_state(state: Any, identity: dict) -> dict:
+    """The payload :func:`save_atomic` writes for a resumable run: the state plus its :func:`run_identity`."""
+    return {"fastdd_run": identity, "state": state}
+
+
+def unwrap_state(payload: Any, identity: dict, path: str | os.PathLike, ignore=("iterations", "epochs")) -> Any:
+    """The state of a payload from :func:`wrap_state`, refusing one that belongs to another run.
+
+    Config keys named in ``ignore`` may differ (extending a run's length is allowed)."""
+    from .errors import UsageError
+
+    if not isinstance(payload, dict) or "fastdd_run" not in payload or "state" not in payload:
+        raise UsageError(f"{path}: not a fastdd checkpoint of this version (no run identity); rerun with --force")
+    saved = payload["fastdd_run"]
+    for key in ("kind", "name", "dataset", "fingerprint", "image_shape"):
+        if saved.get(key) != identity.get(key):
+            raise UsageError(f"{path}: belongs to another run ({key} {saved.get(key)!r}, this run has "
+                             f"{identity.get(key)!r}); use another --out or --force")
+    old, new = saved.get("config", {}), identity.get("config", {})
+    differ = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+    if differ:
+        k = differ[0]
+        raise UsageError(f"{path}: was written with {k}={old.get(k)!r}, this run has {k}={new.get(k)!r}; "
+                         f"--resume needs the same options (or use --force)")
+    return payload["state"]

@@ -1,7 +1,13 @@
-"""The ``fastdd`` command line: ``distill``, ``evaluate``, ``show``, ``pretrain`` (DANCE experts), ``continual``.
+"""The ``fastdd`` command line: ``distill``, ``evaluate``, ``pretrain`` (DANCE experts), ``continual``, ``show``.
 
-Method options are generated from the chosen method's config dataclass, so a registered method gets
-its flags without touching this file (``batch_real`` -> ``--batch-real``; booleans get ``--x/--no-x``).
+Every subcommand's flags are generated from its config dataclasses (:mod:`fastdd.cliflags`): distill =
+the method's config + :class:`DistillRun`; evaluate = :class:`~fastdd.evaluate.EvalConfig` +
+:class:`EvaluateRun`; pretrain = :class:`~fastdd.experts.PretrainConfig` + :class:`PretrainRun`;
+continual = the method's config + :class:`~fastdd.continual.ContinualConfig` + ``EvalConfig`` (as
+``--eval-*``) + :class:`ContinualRun`. A registered method gets its flags without touching this file.
+
+User errors (bad flag values, missing data, unavailable device, damaged or foreign files) are
+:class:`~fastdd.errors.UsageError`: one line on stderr, exit code 2. Other exceptions keep their traceback.
 """
 from __future__ import annotations
 
@@ -9,106 +15,214 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+from .cliflags import add_config_flags, values_from_args
+from .devices import check_device, default_device
+from .errors import UsageError
 
 
-def _add_config_options(parser: argparse.ArgumentParser, config_cls, skip=()) -> None:
-    group = parser.add_argument_group(f"{config_cls.__name__} options")
-    for f in dataclasses.fields(config_cls):
-        if f.name in skip:
-            continue
-        default = f.default
-        kind = type(default)
-        if kind is bool:
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default: {default})")
-        else:
-            group.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, help=f"(default: {default!r})")
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are :class:`UsageError` (one line, exit 2) instead of usage + exit."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
 
 
-def _config_from_args(config_cls, args: argparse.Namespace):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
-              if getattr(args, f.name, None) is not None}
-    return config_cls(**values)
+@dataclasses.dataclass
+class _RunBase:
+    dataset: str = dataclasses.field(metadata={"help": "dataset name (see `fastdd show datasets`)"})
+    out: str = dataclasses.field(metadata={"help": "output directory of the run"})
+    data_path: Optional[str] = None  # directory holding the dataset (else FASTDD_DATA, ~/.cache/fastdd, /usr/share/datasets)
+    device: str = default_device()  # cpu, cuda or cuda:N (default: cuda where available)
+    resume: bool = False  # continue the interrupted run in --out (refused if it belongs to another run)
+    force: bool = False  # replace the run in --out (every file of the old run is removed first)
 
 
-def _parse_method_command(argv: List[str], make_parser):
-    """(args, method class, method config) for a command whose flags depend on ``--method``: the method is
-    read first, then ``make_parser(method)`` (which adds that method's config flags) parses everything."""
+@dataclasses.dataclass
+class DistillRun(_RunBase):
+    """Run options of ``fastdd distill``."""
+
+    method: str = "dm"  # the distillation method (see `fastdd show methods`)
+    checkpoint_every: int = 100  # checkpoint every K iterations (0: only at the end)
+    progress: bool = True  # progress bar (else log lines)
+
+
+@dataclasses.dataclass
+class PretrainRun(_RunBase):
+    """Run options of ``fastdd pretrain``."""
+
+    progress: bool = True  # per-expert progress bar
+
+
+@dataclasses.dataclass
+class ContinualRun(_RunBase):
+    """Run options of ``fastdd continual``."""
+
+    method: str = "dm"  # the distillation method of every step
+    train_per_class: int = 0  # subsample N training images per class (0: all)
+    test_per_class: int = 0  # subsample N test images per class (0: all)
+    progress: bool = True  # progress bars
+
+
+@dataclasses.dataclass
+class EvaluateRun:
+    """Run options of ``fastdd evaluate``."""
+
+    dir: str = dataclasses.field(metadata={"help": "directory written by `fastdd distill`", "positional": True})
+    baseline: bool = True  # also train on the same-size real subset
+    data_path: Optional[str] = None  # directory holding the dataset
+    device: str = default_device()  # cpu, cuda or cuda:N
+
+
+def user_errors(what: str, fn: Callable, *args, **kwargs):
+    """Call ``fn`` at the CLI boundary (validation, lookups, file checks): its ValueError / OSError become a
+    :class:`UsageError` prefixed with ``what``."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, OSError) as exc:
+        msg = str(exc)
+        raise UsageError(msg if msg.startswith(what) or not what else f"{what}: {msg}") from exc
+
+
+def make_config(cls, values: dict):
+    """``cls(**values)`` with its validation errors as UsageError (``validate()`` is called if present)."""
+    config = user_errors("", cls, **values)
+    if hasattr(config, "validate"):
+        user_errors("", config.validate)
+    return config
+
+
+# --------------------------------------------------------------------------------------------- run directories
+RUN_FILES = ("synthetic.pt", "synthetic.safetensors", "synthetic.png", "config.json", "eval.json", "checkpoint.pt",
+             "continual.json", "continual.md", "continual_checkpoint.pt")
+
+
+def check_out(path: str, resume: bool, force: bool, markers=RUN_FILES) -> Path:
+    """Check ``--out`` before any work: a directory (or creatable one) we may write, holding no run unless
+    ``--resume``/``--force``; creates nothing."""
+    if resume and force:
+        raise UsageError("--resume and --force: choose one")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out: cannot create {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out: {parent} is not writable")
+    existing = [n for n in markers if (out / n).exists()] if out.is_dir() else []
+    if existing and not (resume or force):
+        raise UsageError(f"--out: {out} already holds a run ({', '.join(existing)}); pass --force to replace it "
+                         f"or --resume to continue it")
+    return out
+
+
+def prepare_out(out: Path, force: bool, patterns=RUN_FILES) -> Path:
+    """Create ``out``, remove stale ``*.tmp`` files and, with ``force``, every file of the old run."""
+    from .checkpoint import clean_stale_tmp
+
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(out)
+    if force:
+        for pattern in patterns:
+            for p in out.glob(pattern):
+                if p.is_file():
+                    p.unlink()
+    return out
+
+
+def load_run_state(path: Path, identity: dict):
+    """The state saved for this run in ``path`` (None if absent); a damaged or foreign file is a UsageError."""
+    from .checkpoint import load, unwrap_state
+
+    if not path.exists():
+        return None
+    return unwrap_state(load(path), identity, path)
+
+
+def _load_data(name: str, root, *splits):
+    from .data import load_dataset
+
+    return [user_errors("--dataset", load_dataset, name, split, root=root) for split in splits]
+
+
+# --------------------------------------------------------------------------------------------- parser
+def build_parser(method_name: str = "dm") -> argparse.ArgumentParser:
+    """The full ``fastdd`` parser; distill/continual carry the flags of ``method_name``'s config."""
     from . import methods
+    from .continual import ContinualConfig
+    from .evaluate import EvalConfig
+    from .experts import PretrainConfig
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="dm")
-    known, _ = pre.parse_known_args(argv)
-    args = make_parser(known.method).parse_args(argv)
-    cls = methods.get(args.method)
-    return args, cls, _config_from_args(cls.config_cls, args)
+    cls = user_errors("--method", methods.get, method_name)
+    top = _Parser(prog="fastdd", description="Dataset distillation (see README, 'Command line').")
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("distill", help="distil a dataset", description=f"Distil a dataset with {method_name}.")
+    add_config_flags(p, DistillRun)
+    add_config_flags(p, cls.config_cls)
+    p = sub.add_parser("evaluate", help="evaluate a distilled set", description="Evaluate a distilled set against "
+                       "a same-size real subset; writes DIR/eval.json.")
+    add_config_flags(p, EvaluateRun)
+    add_config_flags(p, EvalConfig, aliases={"num_models": "--models"})
+    p = sub.add_parser("pretrain", help="pre-train DANCE experts", description="Pre-train DANCE experts "
+                       "(init + trained weights of K networks) on a real training set.")
+    add_config_flags(p, PretrainRun)
+    add_config_flags(p, PretrainConfig)
+    p = sub.add_parser("continual", help="class-incremental protocol", description="Class-incremental learning "
+                       f"with per-step sets distilled by {method_name} vs a random buffer (see fastdd.continual).")
+    add_config_flags(p, ContinualRun)
+    add_config_flags(p, cls.config_cls)
+    add_config_flags(p, ContinualConfig, skip=("seed",))
+    add_config_flags(p, EvalConfig, prefix="eval_", skip=("seed", "dsa_strategy"),
+                     aliases={"epochs": "--epochs", "num_models": "--models"})
+    p = sub.add_parser("show", help="list methods/datasets/models/backends, or describe a run")
+    p.add_argument("what", help="methods | datasets | models | backends | DIR")
+    return top
 
 
 # --------------------------------------------------------------------------------------------- distill
-def _distill_parser(method_name: str) -> argparse.ArgumentParser:
-    from . import methods
-
-    cls = methods.get(method_name)
-    p = argparse.ArgumentParser(prog="fastdd distill", description=f"Distil a dataset with {method_name}.")
-    p.add_argument("--method", default="dm", help=f"one of {methods.names()}")
-    p.add_argument("--dataset", required=True, help="dataset name (see `fastdd show datasets`)")
-    p.add_argument("--data-path", default=None, help="directory holding the dataset (else FASTDD_DATA, "
-                   "~/.cache/fastdd, /usr/share/datasets are searched)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--device", default=_default_device(), help="cpu or cuda (default: cuda where available)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every K iterations (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
-    p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
-    _add_config_options(p, cls.config_cls)
-    return p
-
-
-def cmd_distill(argv: List[str]) -> int:
+def cmd_distill(args, method_cls) -> int:
     from . import __version__
-    from .checkpoint import load as load_checkpoint
-    from .checkpoint import save_atomic
-    from .data import load_dataset
-    from .synset import ensure_writable, save_synset
+    from .checkpoint import run_identity, save_atomic, wrap_state
+    from .synset import save_synset
 
-    args, cls, config = _parse_method_command(argv, _distill_parser)
-    out = ensure_writable(args.out, force=args.force, resume=args.resume)
-    out.mkdir(parents=True, exist_ok=True)
+    config = make_config(method_cls.config_cls, values_from_args(method_cls.config_cls, args))
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every: must be >= 0, got {args.checkpoint_every}")
+    device = check_device(args.device)
+    out = check_out(args.out, args.resume, args.force)
+    (train,) = _load_data(args.dataset, args.data_path, "train")
+    method = user_errors("", method_cls, config, train, device=device)
+    identity = run_identity("distill", method_cls.name, config.to_dict(), train)
     ckpt_path = out / "checkpoint.pt"
-    if args.force and not args.resume and ckpt_path.exists():
-        ckpt_path.unlink()
-
-    train = load_dataset(args.dataset, "train", root=args.data_path)
-    method = cls(config, train, device=args.device)
     if args.resume:
-        if ckpt_path.exists():
-            method.load_state_dict(load_checkpoint(ckpt_path))
-            print(f"resumed {ckpt_path} at iteration {method.iteration}", file=sys.stderr)
-        else:
+        state = load_run_state(ckpt_path, identity)
+        if state is None:
             print(f"--resume: no checkpoint in {out}, starting from scratch", file=sys.stderr)
+        else:
+            method.load_state_dict(state)
+            print(f"resumed {ckpt_path} at iteration {method.iteration}", file=sys.stderr)
+    prepare_out(out, args.force)
     start = time.perf_counter()
-    method.fit(checkpoint=lambda m: save_atomic(m.state_dict(), ckpt_path), checkpoint_every=args.checkpoint_every,
-               progress=not args.no_progress, log_every=max(1, config.iterations // 20))
+    method.fit(checkpoint=lambda m: save_atomic(wrap_state(m.state_dict(), identity), ckpt_path),
+               checkpoint_every=args.checkpoint_every, progress=args.progress,
+               log_every=max(1, config.iterations // 20))
     metadata = {
-        "fastdd_version": __version__, "torch_version": str(torch.__version__), "method": cls.name,
+        "fastdd_version": __version__, "torch_version": str(torch.__version__), "method": method_cls.name,
         "dataset": train.name, "num_classes": train.num_classes, "class_names": list(train.class_names),
         "channels": train.channels, "image_size": list(train.image_size), "mean": list(train.mean),
         "std": list(train.std), "iterations_done": method.iteration, "device": str(method.device),
         "seconds_this_session": time.perf_counter() - start, "final_loss": method.last_loss,
+        "fingerprint": identity["fingerprint"],
         "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     tensors = method.synthetic_set()
@@ -119,105 +233,79 @@ def cmd_distill(argv: List[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------- evaluate
-def cmd_evaluate(argv: List[str]) -> int:
-    from .data import load_dataset
-    from .evaluate import PROTOCOLS, evaluate_synset, protocol_config
+def cmd_evaluate(args, _method_cls=None) -> int:
+    from .checkpoint import atomic_write
+    from .evaluate import EvalConfig, evaluate_synset, protocol_config
     from .synset import load_synset
 
-    p = argparse.ArgumentParser(prog="fastdd evaluate", description="Evaluate a distilled set (DM protocol) "
-                                "against a same-size random real subset.")
-    p.add_argument("dir", help="directory written by `fastdd distill`")
-    p.add_argument("--models", type=int, default=5, help="models trained per side (default 5)")
-    p.add_argument("--protocol", default="dm", choices=sorted(PROTOCOLS),
-                   help="dm (default) or idc (IDC/DANCE: batch 64, 1500 epochs, CutMix, best-of-checkpoints)")
-    p.add_argument("--epochs", type=int, default=None, help="(default: 1000 for dm, 1500 for idc)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help="evaluation network (default: the distillation network)")
-    p.add_argument("--batch-size", type=int, default=None, help="(default: 256 for dm, 64 for idc)")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--no-baseline", action="store_true", help="skip the random-subset baseline")
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--device", default=_default_device())
-    args = p.parse_args(argv)
-
-    syn = load_synset(args.dir)
+    given = values_from_args(EvalConfig, args)
+    cfg = make_config(protocol_config, dict(given, name=given.pop("protocol", "dm")))
+    device = check_device(args.device)
+    syn = user_errors("synthetic set", load_synset, args.dir)
     meta, config = syn["metadata"], syn["config"]
-    train = load_dataset(meta["dataset"], "train", root=args.data_path)
-    test = load_dataset(meta["dataset"], "test", root=args.data_path)
-    given = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None}
-    cfg = protocol_config(args.protocol, model=args.model or config.get("model", "ConvNet"), num_models=args.models,
-                          seed=args.seed, lr=args.lr, dsa=args.dsa,
-                          dsa_strategy=config.get("dsa_strategy", "") if args.protocol == "dm" else "", **given)
-    result = evaluate_synset(syn["images"], syn["labels"], train, test, cfg, device=args.device,
-                             baseline_indices=syn.get("init_indices"), with_baseline=not args.no_baseline)
+    defaults = {"model": config.get("model", "ConvNet")}  # the distillation network and augmentation
+    if cfg.protocol == "dm":
+        defaults["dsa_strategy"] = config.get("dsa_strategy", "")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
+    train, test = _load_data(meta["dataset"], args.data_path, "train", "test")
+    if not hasattr(cfg, "allow_missing_classes"):  # evaluate.py without the set check: no conversion
+        result = evaluate_synset(syn["images"], syn["labels"], train, test, cfg, device=device,
+                                 baseline_indices=syn.get("init_indices"), with_baseline=args.baseline)
+    else:  # its only ValueErrors before training are the checks of the given set ("labels: ...")
+        result = user_errors("synthetic set", evaluate_synset, syn["images"], syn["labels"], train, test, cfg,
+                             device=device, baseline_indices=syn.get("init_indices"), with_baseline=args.baseline)
     report = result.to_dict()
     report["baseline"] = "initial real subset" if syn.get("init_indices") is not None else "random real subset"
     report["dataset"], report["ipc"] = meta["dataset"], config.get("ipc")
-    Path(args.dir, "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(Path(args.dir, "eval.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     print(f"{meta['dataset']} IPC {config.get('ipc')} ({meta['method']}): {result.summary()}")
     return 0
 
 
+# --------------------------------------------------------------------------------------------- pretrain
+PRETRAIN_FILES = ("pretrain_state.pt", "premodel*_init.pt", "premodel*_trained.pt")
+
+
+def cmd_pretrain(args, _method_cls=None) -> int:
+    from .experts import META_FILE, PretrainConfig, check_resume, pretrain_experts
+
+    cfg = make_config(PretrainConfig, values_from_args(PretrainConfig, args))
+    device = check_device(args.device)
+    out = check_out(args.out, args.resume, args.force, markers=(META_FILE,))
+    (train,) = _load_data(args.dataset, args.data_path, "train")
+    prepare_out(out, args.force, patterns=PRETRAIN_FILES + (META_FILE,))
+    start = time.perf_counter()
+    if args.resume:
+        check_resume(out, train, cfg)
+    pretrain_experts(train, cfg, out, device=device, resume=args.resume, progress=args.progress)
+    print(f"wrote {cfg.models} experts to {out} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- continual
-def _continual_parser(method_name: str) -> argparse.ArgumentParser:
-    from . import methods
-
-    cls = methods.get(method_name)
-    p = argparse.ArgumentParser(prog="fastdd continual", description=(
-        f"Class-incremental learning with per-step sets distilled by {method_name} vs a random buffer "
-        "(see fastdd.continual)."))
-    p.add_argument("--method", default="dm", help=f"one of {methods.names()}")
-    p.add_argument("--dataset", required=True, help="dataset name (see `fastdd show datasets`)")
-    p.add_argument("--data-path", default=None, help="directory holding the dataset")
-    p.add_argument("--out", required=True, help="output directory (continual.json, continual.md)")
-    p.add_argument("--device", default=_default_device(), help="cpu or cuda (default: cuda where available)")
-    p.add_argument("--orders", type=int, default=5, help="class orders, seeds 0..N-1 (default 5)")
-    p.add_argument("--order-seeds", type=int, nargs="+", default=None, help="explicit order seeds")
-    p.add_argument("--order-source", default="numpy", choices=("numpy", "torch"),
-                   help="numpy: the reference's orders (RandomState(s).permutation); torch: randperm")
-    p.add_argument("--classes-per-step", type=int, default=2)
-    p.add_argument("--max-steps", type=int, default=0, help="run only the first N steps (0: all)")
-    p.add_argument("--buffer-source", default="random", choices=("random", "init"),
-                   help="random buffer: fresh random real images, or a real-initialised set's init images")
-    p.add_argument("--no-baseline", action="store_true", help="skip the random buffer")
-    p.add_argument("--epochs", type=int, default=1000, help="evaluation epochs (DM protocol)")
-    p.add_argument("--models", type=int, default=3, help="evaluation models per order and step (default 3)")
-    p.add_argument("--eval-model", default=None, help="evaluation network (default: the method's --model)")
-    p.add_argument("--eval-batch-size", type=int, default=256)
-    p.add_argument("--eval-lr", type=float, default=0.01)
-    p.add_argument("--faithful-epochs", action=argparse.BooleanOptionalAction, default=True,
-                   help="reference loop (epochs + 1 passes, decay after epochs//2 + 1)")
-    p.add_argument("--train-per-class", type=int, default=0, help="subsample N training images per class (0: all)")
-    p.add_argument("--test-per-class", type=int, default=0, help="subsample N test images per class (0: all)")
-    p.add_argument("--progress", action="store_true", help="progress bars during distillation")
-    _add_config_options(p, cls.config_cls)
-    return p
-
-
-def cmd_continual(argv: List[str]) -> int:
+def cmd_continual(args, method_cls) -> int:
     from . import __version__
     from .checkpoint import atomic_write
-    from .continual import ContinualConfig, format_table, run_continual
-    from .data import load_dataset, stratified_subset
+    from .continual import ContinualConfig, check_inputs, format_table, run_continual
+    from .data import stratified_subset
     from .evaluate import EvalConfig
 
-    args, cls, config = _parse_method_command(argv, _continual_parser)
-    train = load_dataset(args.dataset, "train", root=args.data_path)
-    test = load_dataset(args.dataset, "test", root=args.data_path)
+    config = make_config(method_cls.config_cls, values_from_args(method_cls.config_cls, args))
+    cl = make_config(ContinualConfig, dict(values_from_args(ContinualConfig, args, skip=("seed",)), seed=config.seed))
+    ev_values = values_from_args(EvalConfig, args, prefix="eval_", skip=("seed", "dsa_strategy"))
+    ev_values.setdefault("model", config.model)
+    ev = make_config(EvalConfig, dict(ev_values, dsa_strategy=config.dsa_strategy))
+    device = check_device(args.device)
+    out = check_out(args.out, args.resume, args.force)
+    train, test = _load_data(args.dataset, args.data_path, "train", "test")
     if args.train_per_class:
-        train = stratified_subset(train, args.train_per_class, torch.Generator().manual_seed(config.seed))
+        train = user_errors("--train-per-class", stratified_subset, train, args.train_per_class,
+                            torch.Generator().manual_seed(config.seed))
     if args.test_per_class:
-        test = stratified_subset(test, args.test_per_class)
-    cl = ContinualConfig(classes_per_step=args.classes_per_step, orders=args.orders, order_seeds=args.order_seeds,
-                         order_source=args.order_source, max_steps=args.max_steps, seed=config.seed,
-                         baseline=not args.no_baseline, buffer_source=args.buffer_source)
-    ev = EvalConfig(model=args.eval_model or config.model, num_models=args.models, epochs=args.epochs,
-                    batch_size=args.eval_batch_size, lr=args.eval_lr, faithful_epochs=args.faithful_epochs,
-                    dsa_strategy=config.dsa_strategy)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = run_continual(args.method, config, train, test, cl, ev, device=args.device,
+        test = user_errors("--test-per-class", stratified_subset, test, args.test_per_class)
+    user_errors("", check_inputs, train, test, cl, config.ipc)
+    prepare_out(out, args.force)
+    result = run_continual(method_cls.name, config, train, test, cl, ev, device=device,
                            log=lambda s: print(s, flush=True), progress=args.progress)
     result.update(fastdd_version=__version__, torch_version=str(torch.__version__),
                   train_images=len(train), test_images=len(test),
@@ -225,66 +313,83 @@ def cmd_continual(argv: List[str]) -> int:
     table = format_table(result)
     atomic_write(out / "continual.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     atomic_write(out / "continual.md", lambda tmp: Path(tmp).write_text(
-        f"# Continual learning: {cls.name} vs random buffer on {train.name}, IPC {config.ipc}\n\n"
+        f"# Continual learning: {method_cls.name} vs random buffer on {train.name}, IPC {config.ipc}\n\n"
         f"Accuracy (%) on the test images of the seen classes, mean ± std over "
-        f"{len(result['orders'])} orders x {args.models} models.\n\n{table}\n"))
+        f"{len(result['orders'])} orders x {ev.num_models} models.\n\n{table}\n"))
     print(table)
     print(f"wrote {out / 'continual.json'} ({result['timings']['total_seconds']:.0f} s)")
     return 0
 
 
 # --------------------------------------------------------------------------------------------- show
-def cmd_show(argv: List[str]) -> int:
+def _show_backends() -> None:
+    from .ops._backend import BACKENDS, backend_available
+
+    for dev in ("cpu", "cuda"):
+        print(dev + ": " + ", ".join(b for b in BACKENDS if backend_available(b, dev, "class_mmd")))
+
+
+def _show_registry(names_fn: Callable[[], List[str]]) -> Callable[[], None]:
+    return lambda: print("\n".join(names_fn()))
+
+
+def cmd_show(args, _method_cls=None) -> int:
     from . import methods
     from .data import dataset_names
     from .models import model_names
+    from .synset import load_synset
 
-    p = argparse.ArgumentParser(prog="fastdd show", description="List methods/datasets/models, or describe a run.")
-    p.add_argument("what", help="methods | datasets | models | backends | DIR")
-    args = p.parse_args(argv)
-    if args.what == "methods":
-        print("\n".join(methods.names()))
-    elif args.what == "datasets":
-        print("\n".join(dataset_names()))
-    elif args.what == "models":
-        print("\n".join(model_names()))
-    elif args.what == "backends":
-        from .ops._backend import BACKENDS, backend_available
-
-        for dev in ("cpu", "cuda"):
-            print(dev + ": " + ", ".join(b for b in BACKENDS if backend_available(b, dev, "class_mmd")))
-    else:
-        from .synset import load_synset
-
-        syn = load_synset(args.what)
-        print(json.dumps({"images": list(syn["images"].shape), "config": syn["config"],
-                          "metadata": syn["metadata"]}, indent=2))
-        ev = Path(args.what, "eval.json")
-        if ev.exists():
-            print(ev.read_text())
+    listings = {"methods": _show_registry(methods.names), "datasets": _show_registry(dataset_names),
+                "models": _show_registry(model_names), "backends": _show_backends}
+    if args.what in listings:
+        listings[args.what]()
+        return 0
+    if not Path(args.what).is_dir():
+        raise UsageError(f"show: {args.what!r} is neither one of {sorted(listings)} nor a run directory")
+    syn = user_errors("synthetic set", load_synset, args.what)
+    print(json.dumps({"images": list(syn["images"].shape), "config": syn["config"],
+                      "metadata": syn["metadata"]}, indent=2))
+    ev = Path(args.what, "eval.json")
+    if ev.exists():
+        print(ev.read_text())
     return 0
-
-
-def cmd_pretrain(argv: List[str]) -> int:
-    from .experts import cli_main
-
-    return cli_main(argv)
 
 
 COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show, "pretrain": cmd_pretrain,
             "continual": cmd_continual}
 
 
+RUN_OPTIONS = {"distill": DistillRun, "evaluate": EvaluateRun, "pretrain": PretrainRun, "continual": ContinualRun}
+
+
+def _method_name(argv: List[str]) -> str:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="dm")
+    return pre.parse_known_args(argv)[0].method
+
+
+def run(argv: List[str]) -> int:
+    """Parse ``argv`` and run the subcommand (UsageError propagates)."""
+    from . import methods
+
+    name = _method_name(argv[1:] if argv and argv[0] in ("distill", "continual") else [])
+    args = build_parser(name).parse_args(argv)
+    run_cls = RUN_OPTIONS.get(args.command)
+    if run_cls is not None:  # unset run options take their dataclass defaults
+        vars(args).update(dataclasses.asdict(run_cls(**values_from_args(run_cls, args))))
+    method_cls = methods.get(name) if args.command in ("distill", "continual") else None
+    return COMMANDS[args.command](args, method_cls)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point: exit code 0 on success, 2 on a user error (one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: fastdd {distill,evaluate,show,pretrain,continual} [options]   (fastdd COMMAND --help for details)",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command = argv[0] if argv else "fastdd"
     try:
-        return COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
-        print(f"fastdd {argv[0]}: error: {exc}", file=sys.stderr)
+        return run(argv)
+    except UsageError as exc:
+        message = " ".join(str(exc).split())
+        print(f"fastdd {command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -117,7 +117,9 @@ def train_epoch(net, optimizer, images, labels, num_classes, cfg: PretrainConfig
 
 
 def _meta(train: ImageDataset, cfg: PretrainConfig, done: int) -> dict:
-    return {"dataset": train.name, "num_classes": train.num_classes, "channels": train.channels,
+    from .checkpoint import dataset_fingerprint
+
+    return {"dataset": train.name, "fingerprint": dataset_fingerprint(train), "num_classes": train.num_classes, "channels": train.channels,
             "image_size": list(train.image_size), "model": cfg.model, "config": dataclasses.asdict(cfg),
             "finished_models": done}
 
@@ -187,6 +189,34 @@ def pretrain_experts(train: ImageDataset, cfg: PretrainConfig, out_dir, *, devic
     return out
 
 
+def check_resume(out_dir, train: ImageDataset, cfg: PretrainConfig) -> None:
+    """Refuse (:class:`fastdd.errors.UsageError`) to resume the pre-training in ``out_dir`` with another
+    dataset or configuration, or when its files are damaged."""
+    from .errors import UsageError
+
+    meta_path = Path(out_dir) / META_FILE
+    if not meta_path.exists():
+        return
+    try:
+        saved = json.loads(meta_path.read_text())
+        saved_cfg = dict(saved["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{meta_path}: damaged ({type(exc).__name__}: {exc})") from exc
+    mine = _meta(train, cfg, 0)
+    for key in ("dataset", "fingerprint"):
+        if saved.get(key) != mine[key]:
+            raise UsageError(f"--resume: {meta_path} belongs to another dataset ({key} {saved.get(key)!r}, this "
+                             f"run has {mine[key]!r}); use another --out or --force")
+    want = mine["config"]
+    differing = sorted(k for k in want if k != "models" and saved_cfg.get(k) != want[k])
+    if differing:
+        raise UsageError("--resume: pre-training configuration differs from the one in "
+                         f"{meta_path}: {', '.join(f'{k}: {saved_cfg.get(k)!r} vs {want[k]!r}' for k in differing)}")
+    state_path = Path(out_dir) / STATE_FILE
+    if state_path.exists():
+        load_checkpoint(state_path)  # a damaged state file: UsageError naming it
+
+
 def available_experts(out_dir) -> int:
     """Number of consecutive finished experts (both files present) in ``out_dir``."""
     out = Path(out_dir)
@@ -229,34 +259,7 @@ def expert_accuracy(state: dict, meta: dict, test: ImageDataset, device="cpu", b
 
 
 def cli_main(argv: List[str]) -> int:
-    """``fastdd pretrain --dataset D --models K --epochs E --out DIR [...]``."""
-    import argparse
+    """``fastdd pretrain [...]`` (the flags are generated in :mod:`fastdd.cli` from :class:`PretrainConfig`)."""
+    from .cli import main
 
-    from .data import load_dataset
-
-    p = argparse.ArgumentParser(prog="fastdd pretrain", description="Pre-train DANCE experts (init + trained "
-                                "weights of K networks) on a real training set.")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--models", type=int, default=20, help="number of experts K (default 20)")
-    p.add_argument("--epochs", type=int, default=60, help="epochs per expert (default 60)")
-    p.add_argument("--out", required=True, help="expert directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--model", default="ConvNet")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--mix-p", type=float, default=0.5, help="CutMix probability (default 0.5)")
-    p.add_argument("--train-subset", type=int, default=0, help="train on a class-balanced subset of N images")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted pre-training in --out")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    cfg = PretrainConfig(models=args.models, epochs=args.epochs, model=args.model, lr=args.lr,
-                         batch_size=args.batch_size, mix_p=args.mix_p, train_subset=args.train_subset,
-                         seed=args.seed)
-    train = load_dataset(args.dataset, "train", root=args.data_path)
-    start = time.perf_counter()
-    out = pretrain_experts(train, cfg, args.out, device=args.device, resume=args.resume,
-                           progress=not args.no_progress)
-    print(f"wrote {cfg.models} experts to {out} ({time.perf_counter() - start:.0f} s)")
-    return 0
+    return main(["pretrain", *argv])

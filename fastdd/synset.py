@@ -45,7 +45,7 @@ def save_synset(out_dir: str | os.PathLike, tensors: dict, config: dict, metadat
         json.dumps({"config": config, "metadata": metadata}, indent=2) + "\n"))
     mean, std = metadata.get("mean"), metadata.get("std")
     if mean is not None and std is not None:
-        grid = image_grid(synset_images(tensors), tensors["labels"], mean, std)
+        grid = image_grid(synset_images(tensors), tensors["labels"], mean, std, metadata.get("class_names"))
         atomic_write(out / GRID_FILE, lambda tmp: grid.save(tmp, format="PNG"))
     return path
 
@@ -75,7 +75,11 @@ def load_synset(path: str | os.PathLike) -> dict:
         path = path / SYNSET_FILE
     if not path.exists():
         raise FileNotFoundError(f"synthetic set: {path} does not exist (run `fastdd distill` first)")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    from .checkpoint import load
+
+    data = load(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"synthetic set: {path} is not a dict; not a fastdd synthetic set")
     if "images" not in data and "factor_a" in data:
         data["images"] = synset_images(data)
     for key in ("images", "labels", "config", "metadata"):
@@ -85,34 +89,37 @@ def load_synset(path: str | os.PathLike) -> dict:
 
 
 def image_grid(images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-               max_per_class: int = 10, pad: int = 2, min_cell: int = 32):
-    """A PIL image with one row per class (up to ``max_per_class`` images each), de-normalised.
-
-    images [N, C, H, W] in normalised space, labels [N]. Small images are upscaled (nearest) to at least
-    ``min_cell`` pixels so the grid is legible.
-    """
-    from PIL import Image
+               class_names: Sequence[str] | None = None, per_row: int = 10, pad: int = 2, min_cell: int = 64,
+               label_width: int = 90):
+    """A PIL image, de-normalised: per class one or more rows of up to ``per_row`` images, each row led by
+    the class name. Images are upscaled (nearest) to at least ``min_cell`` pixels so any IPC is legible."""
+    from PIL import Image, ImageDraw
 
     images = images.detach().float().cpu()
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     pixels = (images * std_t + mean_t).clamp(0, 1)
-    classes = sorted(set(labels.tolist()))
-    per_row = max(1, min(max_per_class, max(int((labels == c).sum()) for c in classes)))
     _, channels, h, w = pixels.shape
     scale = max(1, -(-min_cell // max(h, w)))
     ch, cw = h * scale, w * scale
-    canvas = np.ones((len(classes) * (ch + pad) + pad, per_row * (cw + pad) + pad, 3), dtype=np.uint8) * 255
-    for row, c in enumerate(classes):
-        members = pixels[labels == c][:per_row]
+    rows = []  # (class, images of that row)
+    for c in sorted(set(labels.tolist())):
+        members = pixels[labels == c]
+        rows += [(c, members[k:k + per_row]) for k in range(0, members.shape[0], per_row)]
+    cols = max(r[1].shape[0] for r in rows)
+    canvas = Image.new("RGB", (label_width + cols * (cw + pad) + pad, len(rows) * (ch + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, (c, members) in enumerate(rows):
+        y = pad + row * (ch + pad)
+        name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
+        draw.text((pad, y + ch // 2 - 5), str(name)[:14], fill="black")
         for col, img in enumerate(members):
             arr = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
             arr = (arr * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             if channels == 1:
                 arr = np.repeat(arr, 3, axis=2)
-            y, x = pad + row * (ch + pad), pad + col * (cw + pad)
-            canvas[y:y + ch, x:x + cw] = arr[:, :, :3]
-    return Image.fromarray(canvas)
+            canvas.paste(Image.fromarray(np.ascontiguousarray(arr[:, :, :3])), (label_width + pad + col * (cw + pad), y))
+    return canvas
 
 
 def ensure_writable(out_dir: str | os.PathLike, force: bool, resume: bool = False) -> Path:

@@ -87,7 +87,7 @@ def test_killed_run_resumes_to_the_identical_set(tmp_path):
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            if ckpt.exists() and torch.load(ckpt, weights_only=True)["iteration"] >= 10:
+            if ckpt.exists() and torch.load(ckpt, weights_only=True)["state"]["iteration"] >= 10:
                 break
             assert proc.poll() is None, proc.stderr.read().decode()
             time.sleep(0.2)
@@ -96,7 +96,7 @@ def test_killed_run_resumes_to_the_identical_set(tmp_path):
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
-    stopped_at = torch.load(ckpt, weights_only=True)["iteration"]
+    stopped_at = torch.load(ckpt, weights_only=True)["state"]["iteration"]
     assert 10 <= stopped_at < iterations and not (killed / "synthetic.pt").exists()
 
     assert main(args + ["--out", str(killed), "--resume"]) == 0
