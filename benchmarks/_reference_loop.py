@@ -64,11 +64,13 @@ def fresh_net(channel, num_classes, im_size, generator: torch.Generator, device)
 class _Seeded:
     """The reference's reseeding: every elementary op draws from a generator reset to ``seed + k``."""
 
-    def __init__(self, seed: int, device):
+    def __init__(self, seed, device, generator=None):
         self.seed, self.k = seed, 0
-        self.g = torch.Generator(device=device)
+        self.g = generator if seed is None else torch.Generator(device=device)
 
     def next(self) -> torch.Generator:
+        if self.seed is None:  # evaluation: no reseed, one stream
+            return self.g
         self.k += 1
         return self.g.manual_seed(self.seed + self.k)
 
@@ -78,11 +80,12 @@ def _affine(x, theta):
     return F.grid_sample(x, grid, align_corners=False)
 
 
-def ref_diff_augment(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """One DSA call in mode 'S' on x [N, C, H, W] with the reference's cost structure (module docstring)."""
+def ref_diff_augment(x: torch.Tensor, seed, generator=None) -> torch.Tensor:
+    """One DSA call in mode 'S' on x [N, C, H, W] with the reference's cost structure (module docstring);
+    ``seed=None``: no reseeding, draws from ``generator`` (the reference's evaluation, seed -1)."""
     n, c, h, w = x.shape
     dev = x.device
-    rng = _Seeded(seed, dev)
+    rng = _Seeded(seed, dev, generator)
     op = STRATEGY[int(torch.randint(0, len(STRATEGY), (1,), generator=rng.next(), device=dev))]
     if op == "color":
         x = x + (torch.rand(n, 1, 1, 1, generator=rng.next(), device=dev) - 0.5)
@@ -156,3 +159,39 @@ def make_ref_dm_iteration(real_pool, pool_labels, num_classes, ipc, batch_real, 
         return loss.detach()
 
     return iteration
+
+
+def ref_evaluate(images, labels, test_images, test_labels, num_classes, epochs, generator, *, lr=0.01,
+                 batch_size=256, test_batch=256) -> float:
+    """The reference's evaluation of one model, sequential: a fresh RefConvNet-style network (trainable),
+    SGD (momentum 0.9, wd 5e-4), ``epochs + 1`` passes, lr x0.1 (new optimizer) after pass epochs // 2 + 1,
+    per-sample DSA per mini-batch, then the test set in batches of ``test_batch``; returns accuracy in %."""
+    device = images.device
+    net = fresh_net(images.shape[1], num_classes, tuple(images.shape[2:]), generator, device)
+    for p in net.parameters():
+        p.requires_grad_(True)
+
+    def forward(x):
+        return net.classifier(net.embed(x))
+
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    n = images.shape[0]
+    for ep in range(epochs + 1):
+        if ep == epochs // 2 + 1:
+            opt = torch.optim.SGD(net.parameters(), lr=lr * 0.1, momentum=0.9, weight_decay=5e-4)
+        net.train()
+        order = torch.randperm(n, generator=generator, device=device)
+        for start in range(0, n, batch_size):
+            ix = order[start:start + batch_size]
+            x = ref_diff_augment(images[ix], None, generator)
+            loss = F.cross_entropy(forward(x), labels[ix])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, test_images.shape[0], test_batch):
+            out = forward(test_images[start:start + test_batch])
+            correct += int((out.argmax(1) == test_labels[start:start + test_batch]).sum())
+    return 100.0 * correct / test_images.shape[0]
