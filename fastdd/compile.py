@@ -26,7 +26,7 @@ import torch
 
 COMPILE_MODES = ("auto", "on", "off")
 #: ``"auto"`` compiles on a CPU only for runs with at least this many calls of the compiled network.
-AUTO_MIN_CALLS = 500
+AUTO_MIN_CALLS = 300
 _ATTR = "_fastdd_embedder"
 
 

@@ -241,6 +241,12 @@ def _fit(net: StackedModels, train_images: torch.Tensor, train_labels: torch.Ten
         yield epoch
 
 
+def _work(m_models: int, n: int, passes: int, test_images: torch.Tensor, checkpoints: int) -> int:
+    """The run's forward work in units of 256 image rows (a training row counts 3: forward + backward), the
+    ``calls`` that :func:`fastdd.compile.should_compile` weighs against the compile time."""
+    return (3 * m_models * n * passes + checkpoints * m_models * test_images.shape[0]) // 256
+
+
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
@@ -269,7 +275,7 @@ def train_stacked(
     m_models, n = train_images.shape[:2]
     lrs = epoch_learning_rates(cfg)
     net = fresh_models(cfg, model_seeds, train_images.shape[2], num_classes, tuple(train_images.shape[3:]),
-                       train_images.device, calls=len(lrs) * -(-n // cfg.batch_size) * m_models)
+                       train_images.device, calls=_work(m_models, n, len(lrs), test_images, checkpoints=1))
     dsa = DSA(cfg.dsa_strategy or dsa_strategy_for(dataset_name)) if cfg.dsa else None
 
     def loss_fn(net, x, y):  # sum over models of each model's mean loss: independent gradients per model
@@ -302,7 +308,9 @@ def train_stacked_idc(
 
     m_models, n = train_images.shape[:2]
     net = fresh_models(cfg, model_seeds, train_images.shape[2], num_classes, tuple(train_images.shape[3:]),
-                       train_images.device, calls=cfg.epochs * -(-n // cfg.batch_size) * m_models)
+                       train_images.device,
+                       calls=_work(m_models, n, cfg.epochs, test_images,
+                                   checkpoints=(cfg.epochs // cfg.eval_every if cfg.eval_every else 0) + 1))
     aug = IDCAugment(cfg.dsa_strategy or idc_strategy_for(dataset_name)) if cfg.dsa else None
 
     def loss_fn(net, x, y):
