@@ -49,8 +49,11 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# end-to-end benchmarks (reference-structure loop vs fastdd); `make bench BENCH_ARGS=--quick` for a short run
+BENCH_ARGS ?=
 bench: install
-	$(PY) benchmarks/dm_iteration.py
+	$(PY) benchmarks/dm_iteration.py $(BENCH_ARGS)
+	$(PY) benchmarks/evaluate.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastdd/_C*.so runs

@@ -1,20 +1,23 @@
-"""One DM iteration at CIFAR-10 shape: batched classes vs the reference's per-class loop.
+"""One DM iteration: the reference loop's structure (provider A) vs what ``fastdd distill --method dm`` runs (B).
 
-Both providers run the complete iteration — draw 256 real images per class, re-initialise a fresh
-ConvNet-3, draw one DSA transform per class, embed real (no grad) and synthetic images, the sum over
-classes of squared mean-embedding distances, backward to the synthetic pixels, one SGD step — and differ
-only in how the loss is formed:
+Both providers run a complete iteration (draw ``batch_real`` real images per class, a fresh ConvNet-3,
+DSA with one transform per class shared by both sides, the real (no-grad) and synthetic embeddings, the
+sum over classes of squared mean-embedding distances, backward, one SGD step on the synthetic pixels):
 
-* ``batched``    all classes in one forward per side (on a CPU the no-grad real side in class-agnostic
-                 chunks of 512 rows), per-class means by a segmented reduction
-                 (``fastdd.methods.dm``: what ``fastdd distill --method dm`` runs);
-* ``per-class``  the reference formulation: a Python loop over classes, one forward per class and side.
+* ``reference-loop`` (A): :mod:`_reference_loop`, a re-implementation of the reference's structure:
+  per class one forward per side, in-place ReLU, the reference's DSA cost (reseed per op, one
+  affine_grid / grid_sample per geometric op), a new network module every iteration;
+* ``fastdd`` (B): ``fastdd.methods.dm.DM.step`` with the config ``fastdd distill`` uses (``compile="auto"``
+  at the default 20k iterations, automatic real chunk, channels_last on CPUs);
+* ``fastdd-eager`` (B with ``compile="off"``), to separate the compile gain from the rest.
 
-Inputs are random tensors of CIFAR-10 shape (10 classes × 256 real, IPC 10 and 50, 3×32×32).
-Results are appended to ``benchmarks/results/dm_iteration.csv`` and summarised in
-``benchmarks/results/dm_iteration.md`` with device, date, versions and commit.
+Inputs are random tensors of the dataset's shape (10 classes x 300 pool images; 1x28x28 is built as
+Fashion-MNIST, 3x32x32 as CIFAR-10). Providers are timed interleaved in one process (one run of each in
+turn after warm-up, which includes compilation): median, p20-p80 spread, the ratio A/B of medians, and
+peak memory. Results are appended to ``benchmarks/results/dm_iteration.csv`` and the Markdown table is
+regenerated with the machine description (CPU model, cores, SIMD, torch).
 
-    python benchmarks/dm_iteration.py [--device cpu|cuda] [--ipc 10 50] [--repeats N]
+    python benchmarks/dm_iteration.py [--quick] [--device cpu|cuda] [--shape 1x28x28 3x32x32] [--ipc 1 10 50]
 """
 from __future__ import annotations
 
@@ -27,76 +30,108 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import environment, read_rows, sync  # noqa: E402
+from _harness import environment, peak_memory, read_rows, sync  # noqa: E402
+from _machine import machine_lines  # noqa: E402
+from _reference_loop import make_ref_dm_iteration  # noqa: E402
 
-from fastdd.augment import DSA  # noqa: E402
-from fastdd.data import ClassSampler  # noqa: E402
-from fastdd.methods.dm import default_real_chunk, dm_loss_batched, dm_loss_per_class  # noqa: E402
-from fastdd.models import get_model, init_parameters  # noqa: E402
+from fastdd.data import ImageDataset  # noqa: E402
+from fastdd.methods.dm import DM, DMConfig  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-COLUMNS = ("provider", "ipc", "classes", "batch_real", "median_ms", "min_ms", "runs", "speedup_vs_per_class",
-           "device", "date", "torch", "triton", "commit")
+COLUMNS = ("bench", "shape", "ipc", "batch_real", "provider", "median_ms", "p20_ms", "p80_ms", "runs",
+           "ratio_a_over_b", "peak_mem_mb", "mem_kind", "device", "date", "torch", "triton", "commit", "notes")
+SHAPES = {"1x28x28": (1, 28, 28, "fashion-mnist"), "3x32x32": (3, 32, 32, "cifar10")}
 
 
-def make_iteration(formulation: str, ipc: int, classes: int, batch_real: int, device: torch.device, seed: int = 0):
-    """A zero-argument callable running one full DM iteration with the chosen loss formulation."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    real_pool = torch.randn(classes * 300, 3, 32, 32, generator=g, device=device)
-    pool_labels = torch.arange(classes, device=device).repeat_interleave(300)
-    sampler = ClassSampler(real_pool, pool_labels, classes)
-    syn = torch.randn(classes * ipc, 3, 32, 32, generator=g, device=device, requires_grad=True)
-    syn_labels = torch.arange(classes, device=device).repeat_interleave(ipc)
-    net = get_model("ConvNet", 3, classes, (32, 32), generator=g).to(device)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    dsa = DSA()
-    opt = torch.optim.SGD([syn], lr=1.0, momentum=0.5)
-    chunk = default_real_chunk(device)
-
-    def iteration():
-        real, real_labels = sampler.sample(batch_real, g)
-        init_parameters(net, g)
-        draw = dsa.draw(classes, g, (32, 32))
-        if formulation == "batched":  # what DM runs, with its default real-side chunking
-            loss = dm_loss_batched(net, dsa, draw, real, real_labels, syn, syn_labels, classes, real_chunk=chunk)
-        else:
-            loss = dm_loss_per_class(net, dsa, draw, real, real_labels, syn, syn_labels, classes)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return iteration
+def random_dataset(shape: str, classes: int, per_class: int, device, seed: int = 0) -> ImageDataset:
+    """Random normalised images of ``shape`` (``"CxHxW"``), ``per_class`` per class, class-major."""
+    c, h, w, name = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(classes * per_class, c, h, w, generator=g)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return ImageDataset(name=name, split="train", images=images.to(device), labels=labels.to(device),
+                        num_classes=classes, mean=(0.0,) * c, std=(1.0,) * c)
 
 
-def time_iteration(fn, device, repeats: int):
-    fn()  # warm-up
+def providers(ds: ImageDataset, ipc: int, batch_real: int, device, compile_mode: str):
+    """name -> zero-argument callable running one iteration."""
+    g = torch.Generator(device=device).manual_seed(1)
+    out = {"reference-loop": make_ref_dm_iteration(ds.images, ds.labels, ds.num_classes, ipc, batch_real, g)}
+    for name, mode in (("fastdd", compile_mode), ("fastdd-eager", "off")):
+        method = DM(DMConfig(ipc=ipc, batch_real=batch_real, compile=mode), ds, device=device)
+        out[name] = method.step
+    return out
+
+
+def interleaved(calls: dict, device, repeats: int, warmup: int = 2) -> dict:
+    """Times (ms) of every call, taken in turn (A, B, C, A, B, C, ...) after ``warmup`` rounds."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
     sync(device)
-    times = []
+    times = {k: [] for k in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), min(times)
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
-def write_markdown(csv_path: str, md_path: str) -> None:
+def quantile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def summarise(bench: str, key: dict, times: dict, mems: dict, env: dict, baseline: str = "reference-loop",
+              notes: str = "") -> list:
+    """Result rows (one per provider) with median / spread / ratio of the baseline's median to each."""
+    base = statistics.median(times[baseline])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        mem, kind = mems.get(name, (float("nan"), ""))
+        rows.append({"bench": bench, **key, "provider": name, "median_ms": round(med, 1),
+                     "p20_ms": round(quantile(ts, 0.2), 1), "p80_ms": round(quantile(ts, 0.8), 1),
+                     "runs": len(ts), "ratio_a_over_b": round(base / med, 2),
+                     "peak_mem_mb": round(mem / 2**20, 1) if mem == mem else "", "mem_kind": kind,
+                     **env, "notes": notes})
+    return rows
+
+
+def write_csv(path: str, rows: list) -> None:
+    import csv
+
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:  # an older file with other columns: start afresh next to it
+        with open(path) as fh:
+            if fh.readline().strip().split(",") != list(COLUMNS):
+                os.replace(path, path + ".old")
+                new = True
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_markdown(csv_path: str, md_path: str, title: str, intro: str, key_cols: tuple, device) -> None:
+    """Regenerate the table from the CSV's latest run per (device, key, provider), with the machine."""
     rows = read_rows(csv_path)
-    lines = ["# One DM iteration at CIFAR-10 shape: batched vs per-class loop", "",
-             "Full iteration (sampling, fresh ConvNet-3 init, DSA, forward, backward, SGD step). "
-             "Produced by `python benchmarks/dm_iteration.py`.", "",
-             "| device | date | commit | IPC | per-class loop (ms) | batched (ms) | speed-up |",
-             "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        if row["provider"] != "batched":
-            continue
-        ref = next((r for r in rows if r["provider"] == "per-class" and r["ipc"] == row["ipc"]
-                    and r["date"] == row["date"] and r["device"] == row["device"]), None)
-        ref_ms = ref["median_ms"] if ref else "n/a"
-        lines.append(f"| {row['device']} | {row['date']} | {row['commit']} | {row['ipc']} | {ref_ms} | "
-                     f"{row['median_ms']} | {row['speedup_vs_per_class']}× |")
+    latest = {}
+    for r in rows:
+        latest[(r["device"],) + tuple(r[k] for k in key_cols) + (r["provider"],)] = r
+    lines = [f"# {title}", "", intro, "", "Machine of the latest run:", ""] + machine_lines(device) + [""]
+    head = " | ".join(key_cols)
+    lines += [f"| device | {head} | provider | median ms | p20-p80 ms | runs | A/B (ref / this) | peak MiB "
+              "| date | commit | notes |",
+              "|---|" + "---|" * len(key_cols) + "---|---:|---:|---:|---:|---:|---|---|---|"]
+    for r in latest.values():
+        keys = " | ".join(r[k] for k in key_cols)
+        lines.append(f"| {r['device']} | {keys} | {r['provider']} | {r['median_ms']} | {r['p20_ms']}-{r['p80_ms']} "
+                     f"| {r['runs']} | {r['ratio_a_over_b']}x | {r['peak_mem_mb']} | {r['date']} | {r['commit']} "
+                     f"| {r.get('notes') or ''} |")
     with open(md_path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
 
@@ -104,41 +139,45 @@ def write_markdown(csv_path: str, md_path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--ipc", type=int, nargs="+", default=[10, 50])
-    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--ipc", type=int, nargs="+", default=None, help="default 1 10 50 (quick: 10)")
     p.add_argument("--batch-real", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per provider (default 5 cpu / 50 cuda)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7 cpu / 30 cuda; quick 3)")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="provider fastdd's setting")
+    p.add_argument("--quick", action="store_true", help="IPC 10 only, 3 rounds")
+    p.add_argument("--out", default=RESULTS, help="results folder")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    repeats = args.repeats or (50 if device.type == "cuda" else 5)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    ipcs = args.ipc or ([10] if args.quick else [1, 10, 50])
+    repeats = args.repeats or (3 if args.quick else (30 if device.type == "cuda" else 7))
     env = environment(device)
     rows = []
-    for ipc in args.ipc:
-        timings = {}
-        for formulation in ("per-class", "batched"):
-            fn = make_iteration(formulation, ipc, args.classes, args.batch_real, device)
-            timings[formulation] = time_iteration(fn, device, repeats)
-        for formulation, (med, best) in timings.items():
-            speedup = timings["per-class"][0] / med
-            rows.append({"provider": formulation, "ipc": ipc, "classes": args.classes, "batch_real": args.batch_real,
-                         "median_ms": f"{med:.1f}", "min_ms": f"{best:.1f}", "runs": repeats,
-                         "speedup_vs_per_class": f"{speedup:.2f}", "device": env["device"], "date": env["date"],
-                         "torch": env["torch"], "triton": env["triton"], "commit": env["commit"]})
-            print(f"IPC {ipc:3d} {formulation:10s} median {med:9.1f} ms  (min {best:.1f})  "
-                  f"speed-up vs per-class {speedup:.2f}x")
+    for shape in args.shape:
+        ds = random_dataset(shape, 10, max(300, args.batch_real), device)
+        for ipc in ipcs:
+            calls = providers(ds, ipc, args.batch_real, device, args.compile)
+            times = interleaved(calls, device, repeats)
+            mems = {k: peak_memory(fn, device) for k, fn in calls.items()}
+            new = summarise("dm_iteration", {"shape": shape, "ipc": str(ipc), "batch_real": str(args.batch_real)},
+                            times, mems, env, notes="quick" if args.quick else "")
+            for r in new:
+                print(f"{shape} IPC {ipc:3d} {r['provider']:15s} median {r['median_ms']:9.1f} ms "
+                      f"(p20-p80 {r['p20_ms']}-{r['p80_ms']})  A/B {r['ratio_a_over_b']:.2f}x  "
+                      f"peak {r['peak_mem_mb']} MiB", flush=True)
+            rows += new
     if not args.no_save:
-        os.makedirs(RESULTS, exist_ok=True)
-        csv_path = os.path.join(RESULTS, "dm_iteration.csv")
-        import csv
-
-        new = not os.path.exists(csv_path)
-        with open(csv_path, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        write_markdown(csv_path, os.path.join(RESULTS, "dm_iteration.md"))
+        os.makedirs(args.out, exist_ok=True)
+        csv_path = os.path.join(args.out, "dm_iteration.csv")
+        write_csv(csv_path, rows)
+        write_markdown(csv_path, os.path.join(args.out, "dm_iteration.md"),
+                       "One DM iteration: reference-loop structure (A) vs fastdd (B)",
+                       "Full iteration (real draw, fresh ConvNet-3, DSA, both embeddings, loss, backward, SGD "
+                       "step), providers interleaved in one process. Produced by `python benchmarks/"
+                       "dm_iteration.py` (`make bench`). A/B > 1: fastdd is faster.",
+                       ("shape", "ipc", "batch_real"), device)
         print(f"appended to {csv_path}")
     return 0
 

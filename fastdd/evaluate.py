@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
 from .augment import DSA, dsa_strategy_for
+from .compile import Compiled, cache_rows, check_compile_mode, should_compile
 from .data import ClassSampler, ImageDataset
 from .models import get_model
 from .validation import check_labels, check_positive_int, check_tensor
@@ -60,12 +61,14 @@ class EvalConfig:
     dsa: bool = True
     dsa_strategy: str = ""  # "" -> dataset default
     seed: int = 0
-    test_batch_size: int = 1000
+    test_batch_size: int = 0  # rows per test forward; 0: automatic (cache-sized on a CPU, 1000 on a GPU)
     faithful_epochs: bool = True
     vectorise: Optional[bool] = None  # None: vmap over stacked models on CUDA, a loop over models on CPU
     protocol: str = "dm"  # training loop, see PROTOCOLS ("dm" | "idc")
     cutmix_p: float = 0.0  # idc: CutMix probability
     eval_every: int = 0  # idc: test accuracy every K epochs (and at the end)
+    allow_missing_classes: bool = False  # accept a set in which some class has no image
+    compile: str = "auto"  # torch.compile of the training and test forwards: "auto" | "on" | "off"
 
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -73,7 +76,8 @@ class EvalConfig:
         check_positive_int("num_models", self.num_models)
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
-        check_positive_int("test_batch_size", self.test_batch_size)
+        check_positive_int("test_batch_size", self.test_batch_size, minimum=0)
+        check_compile_mode(self.compile)
         check_positive_int("eval_every", self.eval_every, minimum=0)
         if not 0.0 <= self.cutmix_p <= 1.0:
             raise ValueError(f"cutmix_p: must lie in [0, 1], got {self.cutmix_p}")
@@ -110,11 +114,21 @@ def _has_batchnorm(model: torch.nn.Module) -> bool:
 class StackedModels:
     """M networks of one architecture evaluated as one: ``forward(x [M, B, C, H, W]) -> [M, B, K]``."""
 
-    def __init__(self, models: Sequence[torch.nn.Module], vectorise: Optional[bool] = None):
+    def __init__(self, models: Sequence[torch.nn.Module], vectorise: Optional[bool] = None, compile: bool = False):
         self.models = list(models)
+        device = next(self.models[0].parameters()).device
         if vectorise is None:  # grouped convolutions are fast on GPUs, slow in oneDNN's CPU backward
-            vectorise = next(self.models[0].parameters()).device.type == "cuda"
+            vectorise = device.type == "cuda"
         self.vectorised = vectorise and not _has_batchnorm(self.models[0])
+        # model loop: one compiled graph (parameters as inputs) serves every model; BatchNorm's running
+        # statistics would be mutated graph inputs, so BN networks stay eager
+        self.compiled = compile and not self.vectorised and not _has_batchnorm(self.models[0])
+        self.channels_last = device.type == "cpu"  # oneDNN's fast layout for the no-grad test forward
+        if self.compiled:
+            self.base = copy.deepcopy(self.models[0]).to("meta")
+            self._params = [dict(m.named_parameters()) for m in self.models]
+            self._fwd = Compiled(lambda p, x: functional_call(self.base, p, (x,)), True,
+                                 name=f"{type(self.base).__name__} forward")
         if self.vectorised:
             self.params, self.buffers = stack_module_state(self.models)
             self.base = copy.deepcopy(self.models[0]).to("meta")
@@ -133,20 +147,25 @@ class StackedModels:
     def train(self, mode: bool = True) -> None:
         for m in self.models:
             m.train(mode)
-        if self.vectorised:
+        if self.vectorised or self.compiled:
             self.base.train(mode)
+
+    def _one(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self._fwd(self._params[i], x) if self.compiled else self.models[i](x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Per-model inputs x [M, B, ...] -> logits [M, B, K]."""
         if self.vectorised:
             return self._train_fn(self.params, self.buffers, x)
-        return torch.stack([m(xi) for m, xi in zip(self.models, x)])
+        return torch.stack([self._one(i, xi) for i, xi in enumerate(x)])
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         """One input batch x [B, ...] for every model -> logits [M, B, K]."""
         if self.vectorised:
             return self._shared_fn(self.params, self.buffers, x)
-        return torch.stack([m(x) for m in self.models])
+        if self.channels_last and x.dim() == 4 and not torch.is_grad_enabled():
+            x = x.contiguous(memory_format=torch.channels_last)
+        return torch.stack([self._one(i, x) for i in range(len(self.models))])
 
 
 def epoch_learning_rates(cfg: EvalConfig) -> List[float]:
@@ -159,13 +178,14 @@ def epoch_learning_rates(cfg: EvalConfig) -> List[float]:
 
 
 def fresh_models(cfg: EvalConfig, model_seeds: Sequence[int], channels: int, num_classes: int, im_size,
-                 device) -> StackedModels:
-    """``cfg.model`` networks, model m initialised from ``Generator(seed=model_seeds[m])``, stacked."""
+                 device, calls: Optional[int] = None) -> StackedModels:
+    """``cfg.model`` networks, model m initialised from ``Generator(seed=model_seeds[m])``, stacked; compiled
+    per ``cfg.compile`` for a run of about ``calls`` forward calls (:func:`fastdd.compile.should_compile`)."""
     models = []
     for seed in model_seeds:
         g = torch.Generator(device=device).manual_seed(int(seed))
         models.append(get_model(cfg.model, channels, num_classes, im_size, generator=g).to(device))
-    return StackedModels(models, cfg.vectorise)
+    return StackedModels(models, cfg.vectorise, compile=should_compile(cfg.compile, device, calls))
 
 
 def epoch_batches(m_models: int, n: int, batch_size: int, generator: torch.Generator, device):
@@ -175,6 +195,62 @@ def epoch_batches(m_models: int, n: int, batch_size: int, generator: torch.Gener
     order = keys.argsort(dim=1)
     for start in range(0, n, batch_size):
         yield order[:, start:start + batch_size]
+
+
+def _fit(net: StackedModels, train_images: torch.Tensor, train_labels: torch.Tensor, cfg: EvalConfig,
+         generator: torch.Generator, *, lrs: Sequence[float], reset_on_decay: bool, augment, loss_fn,
+         bar=None):
+    """The training loop both protocols share: for every epoch e (learning rate ``lrs[e]``), one shuffled
+    pass of every model over its set, per-sample augmentation (``augment(x [M*b, C, H, W], generator,
+    op_groups [M*b]) -> [M*b, C, H, W]``, groups = model index, or ``None``), ``loss_fn(logits_fn, x, y)``
+    summed over models, one SGD step over all models. When the learning rate changes the optimizer is
+    re-created (``reset_on_decay``: momentum reset, the DM reference) or its rate set in place (IDC).
+    Yields the epoch index after each epoch (the caller may test the models there).
+    Shapes: train_images [M, N, C, H, W], train_labels [M, N]."""
+    device = train_images.device
+    m_models, n = train_images.shape[:2]
+    chw = train_images.shape[2:]
+
+    def make_optimizer(lr_now):
+        return torch.optim.SGD(net.parameters(), lr=lr_now, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    optimizer = make_optimizer(lrs[0])
+    rows = torch.arange(m_models, device=device).unsqueeze(1)  # [M, 1]
+    groups = None
+    for epoch, lr in enumerate(lrs):
+        if epoch and lr != lrs[epoch - 1]:
+            if reset_on_decay:
+                optimizer = make_optimizer(lr)  # the DM reference re-creates SGD: momentum is reset
+            else:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+        net.train(True)
+        for idx in epoch_batches(m_models, n, cfg.batch_size, generator, device):  # [M, b]
+            x, y = train_images[rows, idx], train_labels[rows, idx]  # [M, b, C, H, W], [M, b]
+            b = idx.shape[1]
+            if augment is not None:
+                if groups is None or groups.numel() != m_models * b:
+                    groups = rows.expand(m_models, b).reshape(-1).to(generator.device)
+                x = augment(x.reshape(m_models * b, *chw), generator, op_groups=groups).view(m_models, b, *chw)
+            loss = loss_fn(net, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if bar is not None:
+            bar.update(m_models)
+        yield epoch
+
+
+def _work(m_models: int, n: int, passes: int, test_images: torch.Tensor, checkpoints: int) -> int:
+    """The run's forward work in units of 256 image rows (a training row counts 3: forward + backward), the
+    ``calls`` that :func:`fastdd.compile.should_compile` weighs against the compile time."""
+    return (3 * m_models * n * passes + checkpoints * m_models * test_images.shape[0]) // 256
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="model-epoch", leave=False)
 
 
 def train_stacked(
@@ -188,45 +264,28 @@ def train_stacked(
     dataset_name: str = "",
     model_seeds: Sequence[int],
     generator: torch.Generator,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Train M = len(model_seeds) fresh models, model m on ``train_images[m]``; return test accuracies [M].
 
     train_images [M, N, C, H, W] (may be an expanded view of one set), train_labels [M, N],
-    test_images [T, C, H, W], test_labels [T]. Accuracies are fractions in [0, 1].
+    test_images [T, C, H, W], test_labels [T]. Accuracies are fractions in [0, 1]. ``progress``: a tqdm
+    bar over models x epochs.
     """
-    device = train_images.device
     m_models, n = train_images.shape[:2]
-    channels, h, w = train_images.shape[2:]
-    net = fresh_models(cfg, model_seeds, channels, num_classes, (h, w), device)
+    lrs = epoch_learning_rates(cfg)
+    net = fresh_models(cfg, model_seeds, train_images.shape[2], num_classes, tuple(train_images.shape[3:]),
+                       train_images.device, calls=_work(m_models, n, len(lrs), test_images, checkpoints=1))
     dsa = DSA(cfg.dsa_strategy or dsa_strategy_for(dataset_name)) if cfg.dsa else None
 
-    schedule = epoch_learning_rates(cfg)
+    def loss_fn(net, x, y):  # sum over models of each model's mean loss: independent gradients per model
+        logits = net(x)  # [M, b, K]
+        return F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1), reduction="sum") / x.shape[1]
 
-    def make_optimizer(lr_now):
-        return torch.optim.SGD(net.parameters(), lr=lr_now, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-    optimizer = make_optimizer(schedule[0])
-    rows = torch.arange(m_models, device=device).unsqueeze(1)  # [M, 1]
-    model_of_sample = None
-    net.train(True)
-    for epoch, lr in enumerate(schedule):
-        if epoch and lr != schedule[epoch - 1]:
-            optimizer = make_optimizer(lr)  # the reference re-creates SGD: momentum is reset
-        for idx in epoch_batches(m_models, n, cfg.batch_size, generator, device):  # [M, b]
-            x = train_images[rows, idx]  # [M, b, C, H, W]
-            y = train_labels[rows, idx]  # [M, b]
-            b = idx.shape[1]
-            if dsa is not None:
-                if model_of_sample is None or model_of_sample.numel() != m_models * b:
-                    model_of_sample = rows.expand(m_models, b).reshape(-1)
-                flat = dsa.per_sample(x.reshape(m_models * b, channels, h, w), generator, op_groups=model_of_sample)
-                x = flat.view(m_models, b, channels, h, w)
-            logits = net(x)  # [M, b, K]
-            # sum over models of each model's mean loss: independent gradients per model
-            loss = F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1), reduction="sum") / b
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    with _progress(m_models * len(lrs), progress, f"evaluate {m_models} models") as bar:
+        for _ in _fit(net, train_images, train_labels, cfg, generator, lrs=lrs, reset_on_decay=True,
+                      augment=None if dsa is None else dsa.per_sample, loss_fn=loss_fn, bar=bar):
+            pass
     return accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size)
 
 
@@ -241,38 +300,39 @@ def train_stacked_idc(
     dataset_name: str = "",
     model_seeds: Sequence[int],
     generator: torch.Generator,
+    progress: bool = False,
 ) -> torch.Tensor:
     """The IDC protocol (module docstring) for M stacked models; returns test accuracies [M, P] at the P
     checkpoints (every ``eval_every`` epochs and the last epoch). Shapes as :func:`train_stacked`."""
     from .idc import IDCAugment, cutmix, cutmix_loss, multistep_lr
 
-    device = train_images.device
     m_models, n = train_images.shape[:2]
-    channels, h, w = train_images.shape[2:]
-    net = fresh_models(cfg, model_seeds, channels, num_classes, (h, w), device)
+    net = fresh_models(cfg, model_seeds, train_images.shape[2], num_classes, tuple(train_images.shape[3:]),
+                       train_images.device,
+                       calls=_work(m_models, n, cfg.epochs, test_images,
+                                   checkpoints=(cfg.epochs // cfg.eval_every if cfg.eval_every else 0) + 1))
     aug = IDCAugment(cfg.dsa_strategy or idc_strategy_for(dataset_name)) if cfg.dsa else None
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    rows = torch.arange(m_models, device=device).unsqueeze(1)
+
+    def loss_fn(net, x, y):
+        x, ya, yb, lam = cutmix(x, y, generator, cfg.cutmix_p)
+        return cutmix_loss(net(x), ya, yb, lam)
+
+    lrs = [multistep_lr(cfg.lr, epoch, cfg.epochs) for epoch in range(cfg.epochs)]
     checkpoints = []
-    for epoch in range(cfg.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = multistep_lr(cfg.lr, epoch, cfg.epochs)
-        net.train(True)
-        for idx in epoch_batches(m_models, n, cfg.batch_size, generator, device):
-            x, y = train_images[rows, idx], train_labels[rows, idx]
-            b = idx.shape[1]
-            if aug is not None:
-                groups = rows.expand(m_models, b).reshape(-1)
-                x = aug.per_sample(x.reshape(m_models * b, channels, h, w), generator,
-                                   op_groups=groups.to(generator.device)).view(m_models, b, channels, h, w)
-            x, ya, yb, lam = cutmix(x, y, generator, cfg.cutmix_p)
-            loss = cutmix_loss(net(x), ya, yb, lam)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.epochs:
-            checkpoints.append(accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size))
+    with _progress(m_models * cfg.epochs, progress, f"evaluate {m_models} models (idc)") as bar:
+        for epoch in _fit(net, train_images, train_labels, cfg, generator, lrs=lrs, reset_on_decay=False,
+                          augment=None if aug is None else aug.per_sample, loss_fn=loss_fn, bar=bar):
+            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.epochs:
+                checkpoints.append(accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size))
     return torch.stack(checkpoints, dim=1)
+
+
+def default_test_batch(images: torch.Tensor) -> int:
+    """Rows per test forward when ``test_batch_size`` is 0: 1000 on a GPU; on a CPU the cache-sized chunk
+    of :func:`fastdd.methods.dm.default_real_chunk` (for a 1x28x28 / 3x32x32 ConvNet-3)."""
+    if images.device.type != "cpu":
+        return 1000
+    return cache_rows(128 * 32 * 32 * 4)
 
 
 #: Training loop of each protocol (a module-level function, looked up by name at call time so it can be
@@ -282,8 +342,10 @@ _TRAINERS = {"dm": "train_stacked", "idc": "train_stacked_idc"}
 
 @torch.no_grad()
 def accuracy_stacked(net: StackedModels, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Test accuracy [M] of every stacked model on images [T, C, H, W] with labels [T]."""
+    """Test accuracy [M] of every stacked model on images [T, C, H, W] with labels [T], in chunks of
+    ``batch_size`` rows (0: :func:`default_test_batch`); every chunk goes through all models before the next."""
     net.train(False)
+    batch_size = batch_size or default_test_batch(images)
     correct = None
     for start in range(0, images.shape[0], batch_size):
         logits = net.shared(images[start:start + batch_size])
@@ -361,13 +423,15 @@ def evaluate_synset(
     baseline_indices: Optional[torch.Tensor] = None,
     device: torch.device | str = "cpu",
     with_baseline: bool = True,
+    progress: bool = True,
 ) -> EvalResult:
     """Evaluate a synthetic set (images [N, C, H, W], labels [N]) against a same-size random real subset.
 
     ``baseline_indices`` [N] (training-set indices) fixes the baseline subset, e.g. the real images the
     set was initialised from; otherwise a class-balanced random subset with the same per-class counts is
     drawn from the evaluation generator. Both sides train ``cfg.num_models`` models with the same
-    initialisations, all 2M at once.
+    initialisations, all 2M at once. ``progress``: a tqdm bar over models x epochs (False: none).
+    A class without images raises a ValueError unless ``cfg.allow_missing_classes``.
     """
     cfg.validate()
     device = torch.device(device)
@@ -377,6 +441,11 @@ def evaluate_synset(
     if tuple(images.shape[1:]) != tuple(test_set.images.shape[1:]):
         raise ValueError(f"images: shape {tuple(images.shape[1:])} per image does not match the dataset's "
                          f"{tuple(test_set.images.shape[1:])}")
+    counts = torch.bincount(labels.reshape(-1).long().cpu(), minlength=k)
+    if not cfg.allow_missing_classes and int(counts.min()) == 0:
+        missing = [int(c) for c in torch.nonzero(counts == 0).flatten()]
+        raise ValueError(f"labels: class {missing[0]} has no images (missing classes: {missing}); set "
+                         "allow_missing_classes=True (--allow-missing-classes) to evaluate such a set")
     start = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     images = images.to(device, torch.float32)
@@ -407,7 +476,8 @@ def evaluate_synset(
     test_x, test_y = test_set.images.to(device), test_set.labels.to(device)
     trainer = globals()[_TRAINERS[cfg.protocol]]
     accs = torch.cat([
-        trainer(x, y, test_x, test_y, k, cfg, dataset_name=test_set.name, model_seeds=s, generator=generator)
+        trainer(x, y, test_x, test_y, k, cfg, dataset_name=test_set.name, model_seeds=s, generator=generator,
+                progress=progress)
         for x, y, s in parts
     ])
     ckpts = None

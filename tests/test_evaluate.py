@@ -91,3 +91,45 @@ def test_bad_inputs(digits_train, digits_test):
         evaluate_synset(digits_train.images[:10], y_bad, digits_train, digits_test, cfg)
     with pytest.raises(ValueError, match="images: shape"):
         evaluate_synset(torch.zeros(10, 1, 9, 9), y, digits_train, digits_test, cfg)
+
+
+def test_missing_class_is_refused_unless_allowed(digits_train, digits_test):
+    from fastdd.data import ClassSampler
+
+    idx = ClassSampler(digits_train.images, digits_train.labels, 10).first_indices(2).reshape(-1)
+    keep = digits_train.labels[idx] != 7  # class 7 left out
+    x, y = digits_train.images[idx][keep], digits_train.labels[idx][keep]
+    cfg = EvalConfig(num_models=1, epochs=1, compile="off")
+    with pytest.raises(ValueError, match=r"labels: class 7 has no images"):
+        evaluate_synset(x, y, digits_train, digits_test, cfg, with_baseline=False, progress=False)
+    cfg = EvalConfig(num_models=1, epochs=1, compile="off", allow_missing_classes=True)
+    res = evaluate_synset(x, y, digits_train, digits_test, cfg, with_baseline=False, progress=False)
+    assert len(res.accuracies) == 1 and 0 <= res.accuracies[0] <= 100
+
+
+def test_progress_bar_counts_models_times_epochs(digits_train, digits_test, capsys):
+    from fastdd.data import ClassSampler
+
+    idx = ClassSampler(digits_train.images, digits_train.labels, 10).first_indices(1).reshape(-1)
+    cfg = EvalConfig(num_models=2, epochs=3, faithful_epochs=False, compile="off")
+    evaluate_synset(digits_train.images[idx], digits_train.labels[idx], digits_train, digits_test, cfg,
+                    with_baseline=False, progress=True)
+    err = capsys.readouterr().err
+    assert "evaluate 2 models" in err and "0/6 [" in err  # total = models x epochs
+    evaluate_synset(digits_train.images[idx], digits_train.labels[idx], digits_train, digits_test, cfg,
+                    with_baseline=False, progress=False)
+    assert "evaluate" not in capsys.readouterr().err
+
+
+def test_cpu_test_pass_in_chunks_equals_one_batch(digits_train, digits_test):
+    """The cache-sized, channels_last, all-models-per-chunk test pass gives the one-batch accuracies."""
+    from fastdd.evaluate import accuracy_stacked
+
+    g = torch.Generator().manual_seed(3)
+    models = [get_model("ConvNet", 1, 10, (8, 8), generator=g) for _ in range(2)]
+    net = StackedModels(models)
+    chunked = accuracy_stacked(net, digits_test.images, digits_test.labels, 0)
+    with torch.no_grad():
+        whole = torch.stack([(m(digits_test.images).argmax(-1) == digits_test.labels).double().mean()
+                             for m in models])
+    torch.testing.assert_close(chunked, whole, atol=1.5 / len(digits_test), rtol=0)

@@ -48,13 +48,28 @@ def _choice(name: str, value, options) -> str:
     return value
 
 
+class ReLU(nn.ReLU):
+    """ReLU that works in place when autograd is off (no-grad forwards: DM's real side, evaluation's
+    test pass), saving one activation-sized allocation per block; out of place otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(x) if not torch.is_grad_enabled() else torch.relu(x)
+
+
+class LeakyReLU(nn.LeakyReLU):
+    """LeakyReLU, in place when autograd is off (see :class:`ReLU`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.leaky_relu(x, self.negative_slope, inplace=not torch.is_grad_enabled())
+
+
 def _make_act(act: str) -> nn.Module:
     if act == "relu":
-        return nn.ReLU()
+        return ReLU()
     if act == "sigmoid":
         return nn.Sigmoid()
     if act == "leakyrelu":
-        return nn.LeakyReLU(negative_slope=0.01)
+        return LeakyReLU(negative_slope=0.01)
     return Swish()
 
 
