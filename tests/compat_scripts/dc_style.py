@@ -4,8 +4,19 @@ import argparse
 import numpy as np
 import torch
 import torch.nn as nn
-from utils import (DiffAugment, ParamDiffAug, TensorDataset, epoch, evaluate_synset, get_daparam, get_dataset,
-                   get_eval_pool, get_loops, get_network, match_loss)
+from utils import (
+    DiffAugment,
+    ParamDiffAug,
+    TensorDataset,
+    epoch,
+    evaluate_synset,
+    get_daparam,
+    get_dataset,
+    get_eval_pool,
+    get_loops,
+    get_network,
+    match_loss,
+)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--method", default="DSA")
