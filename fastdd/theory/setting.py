@@ -1,0 +1,103 @@
+"""One (d, r, seed) cell of the study: task, network, real data, reference models (spec §6.1, §6.3)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .metrics import nmse, subspace_energy
+from .network import Network, TrainedModel, draw_biases, init_network, stage1, stage2
+from .tasks import MultiIndexTask, make_task
+
+
+@dataclass
+class StudyConfig:
+    """Every knob of the study. Defaults follow spec §6.1–§6.2; see ``fastdd.theory`` for the switches."""
+
+    width: int = 512            # L
+    link: str = "quadratic"     # "quadratic" | "diag"
+    noise: float = 0.0
+    n1_factor: float = 16.0     # full-data stage 1 uses n1 = n1_factor * d^2 samples
+    n2: int = 4000              # real stage-2 samples
+    n_test: int = 10000
+    lam: float = 1e-3           # ridge λ
+    n1_good: int = 100000       # variant B's "good" stage 1
+    gm_steps: int = 2000        # variant A (Adam)
+    gm_lr: float = 0.02
+    gm_restarts: int = 3
+    gm_norm: str = "global"     # "global" (Frobenius-normalised G) | "per_neuron" (row-wise cosines)
+    pm_steps: int = 1000        # variant C (Adam)
+    pm_lr: float = 0.01
+    pm_batch: int = 512         # real points per PM step (fresh draw from the stage-2 pool)
+    pm_restarts: int = 1
+    b_draws: int = 3            # variant B: best of this many input draws
+    b_inputs: str = "subspace"  # "subspace" (x = Uᵀg) | "gaussian" (control)
+
+    def __post_init__(self) -> None:
+        for name in ("width", "n2", "n_test", "n1_good", "gm_steps", "gm_restarts", "pm_steps",
+                     "pm_batch", "pm_restarts", "b_draws"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gm_norm not in ("global", "per_neuron"):
+            raise ValueError(f"gm_norm must be 'global' or 'per_neuron', got {self.gm_norm!r}")
+        if self.b_inputs not in ("subspace", "gaussian"):
+            raise ValueError(f"b_inputs must be 'subspace' or 'gaussian', got {self.b_inputs!r}")
+        if self.n1_factor <= 0:
+            raise ValueError(f"n1_factor must be > 0, got {self.n1_factor}")
+
+
+@dataclass
+class Setting:
+    """Task, init, data and full-data reference of one cell; all drawn from one seed."""
+
+    task: MultiIndexTask
+    net: Network
+    b2: torch.Tensor
+    X1: torch.Tensor
+    y1: torch.Tensor
+    X2: torch.Tensor
+    y2: torch.Tensor
+    Xt: torch.Tensor
+    yt: torch.Tensor
+    config: StudyConfig
+    seed: int
+    reference: TrainedModel = None
+    _good: Optional[TrainedModel] = field(default=None, repr=False)
+
+    @property
+    def nmse_ref(self) -> float:
+        """NMSE of the full-data pipeline (n1 stage-1 samples, n2 stage-2 samples)."""
+        return self.test_nmse(self.reference)
+
+    @property
+    def rho_ref(self) -> float:
+        return subspace_energy(self.reference.W1, self.task.U)
+
+    def test_nmse(self, model: TrainedModel) -> float:
+        return nmse(model.predict(self.Xt), self.yt)
+
+    def good_reference(self) -> TrainedModel:
+        """Stage 1 on ``n1_good`` fresh samples + real stage 2 (variant B's W1 and its reference), cached."""
+        if self._good is None:
+            gen = torch.Generator().manual_seed(10_000 + self.seed)
+            X, y = self.task.sample(self.config.n1_good, gen)
+            self._good = stage2(stage1(self.net, X, y), self.b2, self.X2, self.y2, self.config.lam)
+        return self._good
+
+
+def make_setting(d: int, r: int, seed: int, config: Optional[StudyConfig] = None) -> Setting:
+    """Draw task, network, stage-2 biases, n1 = n1_factor·d² stage-1 samples, n2 stage-2 samples and
+    n_test test samples from ``torch.Generator().manual_seed(seed)``, and train the full-data reference."""
+    cfg = config or StudyConfig()
+    gen = torch.Generator().manual_seed(seed)
+    task = make_task(d, r, gen, link=cfg.link, noise=cfg.noise)
+    net = init_network(d, cfg.width, gen)
+    b2 = draw_biases(cfg.width, gen)
+    n1 = max(1, int(round(cfg.n1_factor * d * d)))
+    X1, y1 = task.sample(n1, gen)
+    X2, y2 = task.sample(cfg.n2, gen)
+    Xt, yt = task.sample(cfg.n_test, gen)
+    s = Setting(task, net, b2, X1, y1, X2, y2, Xt, yt, cfg, seed)
+    s.reference = stage2(stage1(net, X1, y1), b2, X2, y2, cfg.lam)
+    return s
