@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*.cpp c
 		$(PY) -m pip install -q "$(TORCH_SPEC)"; \
 	fi
 	$(PY) -m pip install -q "setuptools>=64" wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,theory]"
 	@$(MAKE) --no-print-directory dataset
 	@touch $@
 

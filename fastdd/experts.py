@@ -257,9 +257,3 @@ def expert_accuracy(state: dict, meta: dict, test: ImageDataset, device="cpu", b
         hits += int((net(x).argmax(1) == test.labels[start:start + batch_size].to(device)).sum())
     return hits / len(test)
 
-
-def cli_main(argv: List[str]) -> int:
-    """``fastdd pretrain [...]`` (the flags are generated in :mod:`fastdd.cli` from :class:`PretrainConfig`)."""
-    from .cli import main
-
-    return main(["pretrain", *argv])

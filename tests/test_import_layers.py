@@ -10,8 +10,11 @@ PKG = Path(__file__).resolve().parents[1] / "fastdd"
 
 # higher number = higher layer; a module may import only modules of a layer <= its own (same layer: no cycle)
 LAYERS = {
-    "fastdd": 6,  # the package __init__
+    "fastdd": 0,  # the package __init__ (only __version__; imports nothing)
     "fastdd.cli": 6,
+    "fastdd.__main__": 6,  # python -m fastdd -> the CLI
+    "fastdd.cliflags": 6,  # argparse flags from config dataclasses, for the CLI
+    "fastdd.compat": 6,  # the reference-code drop-in: sits on top, like the CLI
     "fastdd.continual": 6,  # drives methods and evaluation, like the CLI
     "fastdd.methods": 5,
     "fastdd.plugins": 4,  # plugin configs / validators: below methods, may use matchers and lower
@@ -26,7 +29,11 @@ LAYERS = {
     "fastdd.evaluate": 1,  # trains models on a set; imports models, data, augment, idc
     "fastdd.checkpoint": 1,
     "fastdd.synset": 1,
+    "fastdd.compile": 1,  # torch.compile helpers used by models' callers (methods, evaluate)
+    "fastdd.theory": 1,  # the multi-index study: torch/numpy only
     "fastdd.validation": 0,
+    "fastdd.errors": 0,
+    "fastdd.devices": 0,
 }
 
 
