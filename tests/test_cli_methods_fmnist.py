@@ -21,6 +21,8 @@ RUNS = {
     "dance": ["--method", "dance", "--num-premodel", "1", "--factor", "2"],
     "dm+mim": ["--method", "dm", "--mim-weight", "0.5", "--mim-form", "nce"],
     "dm+rank2": ["--method", "dm", "--rank", "2"],
+    "dc": ["--method", "dc"],
+    "dsa": ["--method", "dsa"],
 }
 
 

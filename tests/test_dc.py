@@ -122,8 +122,8 @@ def _beats(fmnist, name, margin, **kw):
 
 
 def _random_subset(train, ipc):
-    idx = train.sampler().sample_indices(ipc, torch.Generator().manual_seed(123)).reshape(-1)
-    return train.images[idx], train.labels[idx]
+    subset = stratified_subset(train, ipc, torch.Generator().manual_seed(123))
+    return subset.images, subset.labels
 
 
 def test_dc_beats_initial_real_subset_on_fashion_mnist(fmnist):
