@@ -63,7 +63,9 @@ def _extensions():
     use_cuda = bool(cuda_sources) and have_cuda and cuda_switch != "0"
 
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-O3", "-std=c++20", *openmp]
+    # -ffp-contract=off: no fused multiply-add contraction, so scalar and vector code round alike (the
+    # determinism contract of csrc/common.h)
+    cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=off", *openmp]
     define_macros = []
     if use_cuda:
         define_macros.append(("FASTDD_WITH_CUDA", None))

@@ -13,7 +13,10 @@
 //   class_means     -> [K, D] per-class mean of x in x.dtype (zeros for an empty class)
 //   gaussian_class_mmd_fwd / _bwd: sum over classes of the biased MMD^2 with
 //                       k(x, y) = sum_b exp(-||x - y||^2 / (2 sigma_b^2)), tiled per class (rows grouped by
-//                       a counting sort), Gram tiles from BLAS, never more than a kTile x kTile block.
+//                       a counting sort), Gram tiles from det_kernels.h (class_mmd_cpu_kernels.h, one copy
+//                       per SIMD path), never more than a kTile x kTile block.
+// Every output is summed in a fixed order: the results depend neither on the thread count nor on the SIMD
+// path (csrc/common.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,13 +24,24 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+
+#include "../common.h"
+
+#define FASTDD_ISA_HEADER "class_mmd/class_mmd_cpu_kernels.h"
+#include "../isa_variants.h"
 
 namespace fastdd_class_mmd {
 namespace {
 
+using fastdd::AccOf;
+using fastdd::acc_scalar_type;
+using fastdd::check_features;
+using fastdd::checked_labels;
+using fastdd::count_labels;
+
 constexpr int64_t kGranule = 16;   // columns per partial loss (fixed: the sum order ignores the threads)
-constexpr int64_t kTile = 256;     // rows per Gram tile of the Gaussian kernel
 
 // Columns per task of the segmented reductions: about four tasks per thread, a multiple of kGranule.
 int64_t column_block(int64_t D) {
@@ -35,42 +49,6 @@ int64_t column_block(int64_t D) {
   const int64_t cols = ((D + tasks - 1) / tasks + kGranule - 1) / kGranule * kGranule;
   return std::clamp<int64_t>(cols, kGranule, 256);
 }
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_features(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), name, ": expected a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 2, name, ": expected a 2-d tensor [N, D], got shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, ": expected a floating dtype, got ", x.scalar_type());
-}
-
-at::Tensor checked_labels(const at::Tensor& labels, int64_t n, const char* name) {
-  TORCH_CHECK(labels.device().is_cpu(), name, ": expected a CPU tensor, got ", labels.device());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n, name, ": expected shape [", n, "], got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, name,
-              ": expected int64 or int32 labels, got ", labels.scalar_type());
-  return labels.to(at::kLong).contiguous();
-}
-
-// Class counts (with a range check: an out-of-range label would otherwise write out of bounds).
-std::vector<int64_t> count_labels(const at::Tensor& labels, int64_t K, const char* name) {
-  std::vector<int64_t> counts(K, 0);
-  const int64_t* l = labels.const_data_ptr<int64_t>();
-  for (int64_t i = 0, n = labels.numel(); i < n; ++i) {
-    TORCH_CHECK(l[i] >= 0 && l[i] < K, name, ": label ", l[i], " at index ", i, " is outside [0, ", K, ")");
-    ++counts[l[i]];
-  }
-  return counts;
-}
-
 template <typename acc_t>
 at::Tensor inverse_counts(const std::vector<int64_t>& counts, at::ScalarType acc) {
   at::Tensor inv = at::empty({static_cast<int64_t>(counts.size())}, at::TensorOptions().dtype(acc));
@@ -97,12 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_mmd_fwd(const a
                                                                          const at::Tensor& syn_labels_in,
                                                                          int64_t K) {
   at::NoGradGuard no_grad;
-  check_features(real_in, "real");
-  check_features(syn_in, "syn");
-  TORCH_CHECK(real_in.size(1) == syn_in.size(1), "syn: feature dimension ", syn_in.size(1),
-              " does not match real's ", real_in.size(1));
-  TORCH_CHECK(real_in.scalar_type() == syn_in.scalar_type(), "syn: dtype ", syn_in.scalar_type(),
-              " does not match real's ", real_in.scalar_type());
+  fastdd::check_feature_pair(real_in, "real", syn_in, "syn");
   TORCH_CHECK(K >= 1, "num_classes: must be >= 1, got ", K);
   const at::Tensor real = real_in.contiguous(), syn = syn_in.contiguous();
   const at::Tensor rl = checked_labels(real_labels_in, real.size(0), "real_labels");
@@ -260,6 +233,7 @@ Grouping group_rows(const at::Tensor& labels, int64_t K, const char* name) {
   return g;
 }
 
+// Rows of one class in the accumulation dtype, with their squared norms.
 struct ClassRows {
   at::Tensor index;  // int64 [n] rows of the class in the input
   at::Tensor x;      // [n, D] rows in the accumulation dtype, contiguous
@@ -271,38 +245,35 @@ ClassRows class_rows(const at::Tensor& x, const Grouping& g, int64_t c, at::Scal
   const int64_t n = g.counts[c];
   r.index = at::from_blob(const_cast<int64_t*>(g.order.data()) + g.offsets[c], {n}, at::kLong);
   r.x = x.index_select(0, r.index).to(acc).contiguous();
-  r.norms = r.x.mul(r.x).sum(1);
+  r.norms = at::empty({n}, r.x.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "class_rows", [&] {
+    FASTDD_ISA_DISPATCH(fastdd_class_mmd, row_norms<scalar_t>(r.x.const_data_ptr<scalar_t>(), n, x.size(1),
+                                                              r.norms.mutable_data_ptr<scalar_t>()));
+  });
   return r;
 }
 
-// sum_{i, j} sum_b exp(-gamma_b ||a_i - b_j||^2) over kTile x kTile Gram blocks; `symmetric` (a is b)
-// visits the upper triangle of blocks only.
 template <typename acc_t>
-double pair_kernel_sum(const ClassRows& a, const ClassRows& b, const std::vector<acc_t>& gamma, bool symmetric) {
-  const int64_t m = a.x.size(0), n = b.x.size(0);
+double pair_sum(const ClassRows& a, const ClassRows& b, const std::vector<acc_t>& gamma, bool symmetric) {
   double total = 0.0;
-  for (int64_t i0 = 0; i0 < m; i0 += kTile) {
-    const int64_t i1 = std::min(m, i0 + kTile);
-    for (int64_t j0 = symmetric ? i0 : 0; j0 < n; j0 += kTile) {
-      const int64_t j1 = std::min(n, j0 + kTile);
-      const at::Tensor gt = at::mm(a.x.narrow(0, i0, i1 - i0), b.x.narrow(0, j0, j1 - j0).t());
-      const acc_t* pg = gt.const_data_ptr<acc_t>();
-      const int64_t ld = gt.stride(0);
-      const acc_t* an = a.norms.const_data_ptr<acc_t>();
-      const acc_t* bn = b.norms.const_data_ptr<acc_t>();
-      double block = 0.0;
-      for (int64_t i = i0; i < i1; ++i) {
-        acc_t row = 0;
-        for (int64_t j = j0; j < j1; ++j) {
-          const acc_t d2 = std::max(an[i] + bn[j] - 2 * pg[(i - i0) * ld + (j - j0)], acc_t(0));
-          for (acc_t gb : gamma) row += std::exp(-gb * d2);
-        }
-        block += row;
-      }
-      total += (symmetric && j0 != i0) ? 2.0 * block : block;
-    }
-  }
+  FASTDD_ISA_DISPATCH(fastdd_class_mmd,
+                      pair_kernel_sum<acc_t>(a.x.const_data_ptr<acc_t>(), a.norms.const_data_ptr<acc_t>(),
+                                             a.x.size(0), b.x.const_data_ptr<acc_t>(), b.norms.const_data_ptr<acc_t>(),
+                                             b.x.size(0), a.x.size(1), gamma.data(),
+                                             static_cast<int64_t>(gamma.size()), symmetric, &total));
   return total;
+}
+
+template <typename acc_t>
+void pair_grad(const ClassRows& a, const ClassRows& b, const std::vector<acc_t>& gamma, bool symmetric, double ca,
+               double cb, at::Tensor& ga, acc_t* rowa, at::Tensor* gb, acc_t* rowb) {
+  FASTDD_ISA_DISPATCH(fastdd_class_mmd,
+                      pair_kernel_grad<acc_t>(a.x.const_data_ptr<acc_t>(), a.norms.const_data_ptr<acc_t>(),
+                                              a.x.size(0), b.x.const_data_ptr<acc_t>(),
+                                              b.norms.const_data_ptr<acc_t>(), b.x.size(0), a.x.size(1),
+                                              gamma.data(), static_cast<int64_t>(gamma.size()), symmetric, ca, cb,
+                                              ga.mutable_data_ptr<acc_t>(), rowa,
+                                              gb != nullptr ? gb->mutable_data_ptr<acc_t>() : nullptr, rowb));
 }
 
 template <typename acc_t>
@@ -316,137 +287,81 @@ std::vector<acc_t> gammas(const std::vector<double>& bandwidths) {
   return out;
 }
 
-void check_pair(const at::Tensor& real, const at::Tensor& syn) {
-  check_features(real, "real");
-  check_features(syn, "syn");
-  TORCH_CHECK(real.size(1) == syn.size(1), "syn: feature dimension ", syn.size(1), " does not match real's ",
-              real.size(1));
-  TORCH_CHECK(real.scalar_type() == syn.scalar_type(), "syn: dtype ", syn.scalar_type(), " does not match real's ",
-              real.scalar_type());
-}
-
-at::Tensor gaussian_class_mmd_fwd(const at::Tensor& real, const at::Tensor& real_labels_in, const at::Tensor& syn,
-                                  const at::Tensor& syn_labels_in, int64_t K, at::ArrayRef<double> bandwidths) {
-  at::NoGradGuard no_grad;
-  check_pair(real, syn);
+// Checks and groups the rows of both sides by class, then runs body(c, R, S, gamma) for every class c with
+// rows (in parallel over classes; gamma is a std::vector of the accumulation type).
+template <typename Body>
+void for_each_class(const at::Tensor& real, const at::Tensor& real_labels_in, const at::Tensor& syn,
+                    const at::Tensor& syn_labels_in, int64_t K, at::ArrayRef<double> bandwidths, Body&& body) {
+  fastdd::check_feature_pair(real, "real", syn, "syn");
   TORCH_CHECK(K >= 1, "num_classes: must be >= 1, got ", K);
   const at::Tensor rl = checked_labels(real_labels_in, real.size(0), "real_labels");
   const at::Tensor sl = checked_labels(syn_labels_in, syn.size(0), "syn_labels");
   const Grouping gr = group_rows(rl, K, "real_labels"), gs = group_rows(sl, K, "syn_labels");
   const auto acc = acc_scalar_type(real.scalar_type());
-  std::vector<double> per_class(K, 0.0);
   const std::vector<double> bws(bandwidths.begin(), bandwidths.end());
-  AT_DISPATCH_FLOATING_TYPES(acc, "gaussian_class_mmd_fwd", [&] {
-    using acc_t = scalar_t;
-    const auto gamma = gammas<acc_t>(bws);
+  AT_DISPATCH_FLOATING_TYPES(acc, "gaussian_class_mmd", [&] {
+    const auto gamma = gammas<scalar_t>(bws);
     at::parallel_for(0, K, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t nr = gr.counts[c], ns = gs.counts[c];
-        if (nr == 0 && ns == 0) continue;
-        const ClassRows R = class_rows(real, gr, c, acc), S = class_rows(syn, gs, c, acc);
-        double v = 0.0;
-        if (nr > 0) v += pair_kernel_sum<acc_t>(R, R, gamma, true) / (double(nr) * nr);
-        if (ns > 0) v += pair_kernel_sum<acc_t>(S, S, gamma, true) / (double(ns) * ns);
-        if (nr > 0 && ns > 0) v -= 2.0 * pair_kernel_sum<acc_t>(R, S, gamma, false) / (double(nr) * ns);
-        per_class[c] = v;
+        if (gr.counts[c] == 0 && gs.counts[c] == 0) continue;
+        body(c, class_rows(real, gr, c, acc), class_rows(syn, gs, c, acc), gamma);
       }
     });
   });
+}
+
+at::Tensor gaussian_class_mmd_fwd(const at::Tensor& real, const at::Tensor& real_labels, const at::Tensor& syn,
+                                  const at::Tensor& syn_labels, int64_t K, at::ArrayRef<double> bandwidths) {
+  at::NoGradGuard no_grad;
+  std::vector<double> per_class(std::max<int64_t>(K, 0), 0.0);
+  for_each_class(real, real_labels, syn, syn_labels, K, bandwidths,
+                 [&](int64_t c, const ClassRows& R, const ClassRows& S, const auto& gamma) {
+                   using acc_t = typename std::decay_t<decltype(gamma)>::value_type;
+                   const int64_t nr = R.x.size(0), ns = S.x.size(0);
+                   double v = 0.0;
+                   if (nr > 0) v += pair_sum<acc_t>(R, R, gamma, true) / (double(nr) * nr);
+                   if (ns > 0) v += pair_sum<acc_t>(S, S, gamma, true) / (double(ns) * ns);
+                   if (nr > 0 && ns > 0) v -= 2.0 * pair_sum<acc_t>(R, S, gamma, false) / (double(nr) * ns);
+                   per_class[c] = v;
+                 });
   double total = 0.0;
   for (double v : per_class) total += v;
   return at::scalar_tensor(total, real.options());
 }
 
-// Gradient contributions of one Gram block between rows a[i0:i1] and b[j0:j1]:
-//   ga[i] += ca * (sum_j W_ij a_i - sum_j W_ij b_j),  gb[j] += cb * (sum_i W_ij b_j - sum_i W_ij a_i)
-// with W_ij = sum_b 2 gamma_b exp(-gamma_b ||a_i - b_j||^2) (= d k / d(-||a - b||^2 / 2)).
-template <typename acc_t>
-void pair_kernel_grad(const ClassRows& a, const ClassRows& b, const std::vector<acc_t>& gamma, bool symmetric,
-                      double ca, double cb, at::Tensor& ga, acc_t* rowa, at::Tensor* gb, acc_t* rowb) {
-  const int64_t m = a.x.size(0), n = b.x.size(0);
-  for (int64_t i0 = 0; i0 < m; i0 += kTile) {
-    const int64_t i1 = std::min(m, i0 + kTile);
-    for (int64_t j0 = symmetric ? i0 : 0; j0 < n; j0 += kTile) {
-      const int64_t j1 = std::min(n, j0 + kTile);
-      const at::Tensor ai = a.x.narrow(0, i0, i1 - i0), bj = b.x.narrow(0, j0, j1 - j0);
-      at::Tensor w = at::mm(ai, bj.t());  // Gram block, overwritten in place by the weights W
-      acc_t* pw = w.mutable_data_ptr<acc_t>();
-      const int64_t ld = w.stride(0);
-      const acc_t* an = a.norms.const_data_ptr<acc_t>();
-      const acc_t* bn = b.norms.const_data_ptr<acc_t>();
-      const bool mirror = symmetric && j0 != i0;  // block (j, i) contributes the transposed terms too
-      for (int64_t i = i0; i < i1; ++i) {
-        acc_t row = 0;
-        for (int64_t j = j0; j < j1; ++j) {
-          acc_t& e = pw[(i - i0) * ld + (j - j0)];
-          const acc_t d2 = std::max(an[i] + bn[j] - 2 * e, acc_t(0));
-          acc_t wij = 0;
-          for (acc_t g : gamma) wij += 2 * g * std::exp(-g * d2);
-          e = wij;
-          row += wij;
-        }
-        rowa[i] += static_cast<acc_t>(ca) * row;
-      }
-      if (rowb != nullptr || mirror) {
-        at::Tensor colsum = w.sum(0);
-        const acc_t* pc = colsum.const_data_ptr<acc_t>();
-        acc_t* target = mirror ? rowa : rowb;
-        const double coef = mirror ? ca : cb;
-        for (int64_t j = j0; j < j1; ++j) target[j] += static_cast<acc_t>(coef) * pc[j - j0];
-      }
-      ga.narrow(0, i0, i1 - i0).addmm_(w, bj, 1, -ca);
-      if (mirror) ga.narrow(0, j0, j1 - j0).addmm_(w.t(), ai, 1, -ca);
-      if (gb != nullptr) gb->narrow(0, j0, j1 - j0).addmm_(w.t(), ai, 1, -cb);
-    }
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> gaussian_class_mmd_bwd(const at::Tensor& grad, const at::Tensor& real,
-                                                          const at::Tensor& real_labels_in, const at::Tensor& syn,
-                                                          const at::Tensor& syn_labels_in, int64_t K,
+                                                          const at::Tensor& real_labels, const at::Tensor& syn,
+                                                          const at::Tensor& syn_labels, int64_t K,
                                                           at::ArrayRef<double> bandwidths, bool need_real,
                                                           bool need_syn) {
   at::NoGradGuard no_grad;
-  check_pair(real, syn);
   TORCH_CHECK(grad.numel() == 1, "grad: expected a scalar gradient, got shape ", grad.sizes());
-  TORCH_CHECK(K >= 1, "num_classes: must be >= 1, got ", K);
-  const at::Tensor rl = checked_labels(real_labels_in, real.size(0), "real_labels");
-  const at::Tensor sl = checked_labels(syn_labels_in, syn.size(0), "syn_labels");
-  const Grouping gr = group_rows(rl, K, "real_labels"), gs = group_rows(sl, K, "syn_labels");
-  const auto acc = acc_scalar_type(real.scalar_type());
+  fastdd::check_feature_pair(real, "real", syn, "syn");
   const int64_t D = real.size(1);
   const double g = grad.item<double>();
-  at::Tensor out_r = need_real ? at::empty({real.size(0), D}, real.options()) : at::empty({0, D}, real.options());
-  at::Tensor out_s = need_syn ? at::empty({syn.size(0), D}, syn.options()) : at::empty({0, D}, syn.options());
-  const std::vector<double> bws(bandwidths.begin(), bandwidths.end());
-  AT_DISPATCH_FLOATING_TYPES(acc, "gaussian_class_mmd_bwd", [&] {
-    using acc_t = scalar_t;
-    const auto gamma = gammas<acc_t>(bws);
-    at::parallel_for(0, K, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t nr = gr.counts[c], ns = gs.counts[c];
-        if (nr == 0 && ns == 0) continue;
-        const ClassRows R = class_rows(real, gr, c, acc), S = class_rows(syn, gs, c, acc);
-        // d/dr_i = -(2/nr^2) sum_i' W (r_i - r_i') + (2/(nr ns)) sum_j W (r_i - s_j), and symmetrically for s.
-        const double c_rr = nr > 0 ? -2.0 * g / (double(nr) * nr) : 0.0;
-        const double c_ss = ns > 0 ? -2.0 * g / (double(ns) * ns) : 0.0;
-        const double c_rs = (nr > 0 && ns > 0) ? 2.0 * g / (double(nr) * ns) : 0.0;
-        at::Tensor gR = at::zeros({nr, D}, R.x.options()), gS = at::zeros({ns, D}, S.x.options());
-        std::vector<acc_t> rowR(nr, acc_t(0)), rowS(ns, acc_t(0));
-        if (need_real && nr > 0) pair_kernel_grad<acc_t>(R, R, gamma, true, c_rr, 0.0, gR, rowR.data(), nullptr, nullptr);
-        if (need_syn && ns > 0) pair_kernel_grad<acc_t>(S, S, gamma, true, c_ss, 0.0, gS, rowS.data(), nullptr, nullptr);
-        if (nr > 0 && ns > 0 && (need_real || need_syn))
-          pair_kernel_grad<acc_t>(R, S, gamma, false, c_rs, c_rs, gR, rowR.data(), &gS, rowS.data());
-        if (need_real && nr > 0) {
-          gR.addcmul_(at::from_blob(rowR.data(), {nr, 1}, R.x.options()), R.x);
-          out_r.index_copy_(0, R.index, gR.to(out_r.scalar_type()));
-        }
-        if (need_syn && ns > 0) {
-          gS.addcmul_(at::from_blob(rowS.data(), {ns, 1}, S.x.options()), S.x);
-          out_s.index_copy_(0, S.index, gS.to(out_s.scalar_type()));
-        }
-      }
-    });
+  at::Tensor out_r = at::empty({need_real ? real.size(0) : 0, D}, real.options());
+  at::Tensor out_s = at::empty({need_syn ? syn.size(0) : 0, D}, syn.options());
+  for_each_class(real, real_labels, syn, syn_labels, K, bandwidths,
+                 [&](int64_t, const ClassRows& R, const ClassRows& S, const auto& gamma) {
+    using acc_t = typename std::decay_t<decltype(gamma)>::value_type;
+    const int64_t nr = R.x.size(0), ns = S.x.size(0);
+    // d/dr_i = -(2/nr^2) sum_i' W (r_i - r_i') + (2/(nr ns)) sum_j W (r_i - s_j), and symmetrically for s.
+    const double c_rr = nr > 0 ? -2.0 * g / (double(nr) * nr) : 0.0;
+    const double c_ss = ns > 0 ? -2.0 * g / (double(ns) * ns) : 0.0;
+    const double c_rs = (nr > 0 && ns > 0) ? 2.0 * g / (double(nr) * ns) : 0.0;
+    at::Tensor gR = at::zeros({nr, D}, R.x.options()), gS = at::zeros({ns, D}, S.x.options());
+    std::vector<acc_t> rowR(nr, acc_t(0)), rowS(ns, acc_t(0));
+    if (need_real && nr > 0) pair_grad<acc_t>(R, R, gamma, true, c_rr, 0.0, gR, rowR.data(), nullptr, nullptr);
+    if (need_syn && ns > 0) pair_grad<acc_t>(S, S, gamma, true, c_ss, 0.0, gS, rowS.data(), nullptr, nullptr);
+    if (nr > 0 && ns > 0 && (need_real || need_syn))
+      pair_grad<acc_t>(R, S, gamma, false, c_rs, c_rs, gR, rowR.data(), &gS, rowS.data());
+    auto finish = [&](at::Tensor& gX, const ClassRows& X, const std::vector<acc_t>& rows, at::Tensor& out) {
+      FASTDD_ISA_DISPATCH(fastdd_class_mmd, add_scaled_rows<acc_t>(gX.mutable_data_ptr<acc_t>(), rows.data(),
+                                                                   X.x.const_data_ptr<acc_t>(), X.x.size(0), D));
+      out.index_copy_(0, X.index, gX.to(out.scalar_type()));
+    };
+    if (need_real && nr > 0) finish(gR, R, rowR, out_r);
+    if (need_syn && ns > 0) finish(gS, S, rowS, out_s);
   });
   return {out_r, out_s};
 }

@@ -20,19 +20,15 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common.h"
+
 #include <vector>
 
 namespace fastdd_class_mmd_cuda {
 namespace {
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
+using fastdd::AccOf;
+using fastdd::acc_scalar_type;
 
 constexpr int kCols = 64;        // columns per block of the segmented reductions
 constexpr int kRowStripes = 4;   // row stripes per block of the segmented reductions
@@ -40,7 +36,6 @@ constexpr int kTile = 32;        // rows / columns per Gram tile
 constexpr int kTileK = 32;       // feature chunk per shared-memory step
 constexpr int kMaxBandwidths = 16;
 
-at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_features(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.is_cuda(), name, ": expected a CUDA tensor, got ", x.device());

@@ -24,8 +24,8 @@
 //
 // Statistics are float64 for float64 input and float32 otherwise; accumulation in double (class-map
 // partial sums of <= 32 samples in float for fp32/fp16/bf16 input). The inner loops
-// (feature_moments_cpu_kernels.h) are compiled for the default ISA and, on x86-64 with GCC/Clang, also
-// for AVX2+FMA, chosen at run time (FASTDD_CPU_ISA=generic forces the default ISA).
+// (feature_moments_cpu_kernels.h) are compiled once per SIMD path (csrc/isa_variants.h, FASTDD_SIMD) and
+// give bit-identical results on every path and thread count.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -43,19 +43,11 @@
 #include <sys/mman.h>
 #endif
 
-#define FM_KERNEL_NS generic
-#include "feature_moments_cpu_kernels.h"
-#undef FM_KERNEL_NS
+#include "../common.h"
+#include "feature_moments_args.h"
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX2__)
-#define FASTDD_FM_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define FM_KERNEL_NS avx2
-#include "feature_moments_cpu_kernels.h"
-#undef FM_KERNEL_NS
-#pragma GCC pop_options
-#endif
+#define FASTDD_ISA_HEADER "feature_moments/feature_moments_cpu_kernels.h"
+#include "../isa_variants.h"
 
 namespace fastdd_feature_moments {
 namespace {
@@ -65,30 +57,9 @@ using at::Tensor;
 // Positions per (class, channel-block) work item of the class-map passes (64 KiB of float partial sums).
 constexpr int64_t kBlockElems = 16384;
 
-bool use_avx2() {
-#ifdef FASTDD_FM_AVX2
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* isa = std::getenv("FASTDD_CPU_ISA");
-  return supported && !(isa != nullptr && std::strcmp(isa, "generic") == 0);
-#else
-  return false;
-#endif
-}
+// Run a kernel template of the active SIMD path.
+#define FM_ISA_CALL(...) FASTDD_ISA_DISPATCH(fastdd_feature_moments, __VA_ARGS__)
 
-// Run the same kernel template from the AVX2 or the generic namespace.
-#ifdef FASTDD_FM_AVX2
-#define FM_ISA_CALL(...)     \
-  do {                       \
-    if (use_avx2())          \
-      avx2::__VA_ARGS__;     \
-    else                     \
-      generic::__VA_ARGS__;  \
-  } while (0)
-#else
-#define FM_ISA_CALL(...) generic::__VA_ARGS__
-#endif
-
-at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // A fresh large output is written exactly once, so its cost is dominated by first-touch page faults
 // (one per 4 KiB page). Ask for transparent huge pages on the 2 MiB-aligned interior before the first
@@ -139,7 +110,7 @@ Tensor rows_cpu(const Tensor& x_in, int64_t order) {
   TORCH_CHECK(x_in.size(1) > 0, "feature_moments: rows must be non-empty");
   const Tensor x = x_in.contiguous();
   const int64_t R = x.size(0), P = x.size(1);
-  Tensor out = at::empty({R, 4}, x.options().dtype(stat_dtype(x.scalar_type())));
+  Tensor out = at::empty({R, 4}, x.options().dtype(fastdd::acc_scalar_type(x.scalar_type())));
   if (R == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "feature_moments_rows", [&] {
     using in_t = scalar_t;
@@ -166,7 +137,7 @@ std::tuple<Tensor, Tensor> class_map_cpu(const Tensor& x_in, const Tensor& order
   const int64_t* oi = order_idx.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_grouping(oi, off, N, K, "feature_moments_class_map", /*nonempty=*/true);
-  const auto sdt = stat_dtype(x.scalar_type());
+  const auto sdt = fastdd::acc_scalar_type(x.scalar_type());
   Tensor rowstats = at::empty({K * C, 4}, x.options().dtype(sdt));
   Tensor amap = save_map ? empty_output({K, C, P}, x.options().dtype(sdt)) : at::empty({0}, x.options().dtype(sdt));
   if (C == 0) return {amap, rowstats};
@@ -184,26 +155,13 @@ std::tuple<Tensor, Tensor> class_map_cpu(const Tensor& x_in, const Tensor& order
 
 Tensor poly_backward_cpu(const Tensor& src_in, const std::optional<Tensor>& row_index, const Tensor& center_in,
                          const Tensor& coef_in, int64_t degree, at::ScalarType out_dtype) {
-  TORCH_CHECK(degree == 1 || degree == 3, "feature_moments_poly_backward: degree must be 1 or 3");
-  TORCH_CHECK(src_in.dim() == 2, "feature_moments_poly_backward: src must be [Rs, P]");
-  const Tensor src = src_in.contiguous();
-  const int64_t Rs = src.size(0), P = src.size(1);
-  Tensor idx;
-  int64_t R = Rs;
-  if (row_index.has_value() && row_index->defined()) {
-    idx = row_index->to(at::kLong).contiguous();
-    R = idx.numel();
-  }
-  const auto sdt = stat_dtype(out_dtype);
-  const Tensor center = center_in.to(sdt).contiguous();
-  const Tensor coef = coef_in.to(sdt).contiguous();
-  TORCH_CHECK(center.numel() == Rs && coef.numel() == 4 * Rs,
-              "feature_moments_poly_backward: center [Rs] and coef [Rs, 4] must match the source rows");
-  TORCH_CHECK(src.scalar_type() == out_dtype || src.scalar_type() == sdt,
-              "feature_moments_poly_backward: src must have the output dtype or ", sdt);
+  const PolyArgs args = poly_args(src_in, row_index, center_in, coef_in, degree, out_dtype);
+  const Tensor &src = args.src, &center = args.center, &coef = args.coef;
+  const int64_t Rs = args.Rs, R = args.R, P = args.P;
+  const auto sdt = args.sdt;
   Tensor out = empty_output({R, P}, src.options().dtype(out_dtype));
   if (R == 0 || P == 0) return out;
-  const int64_t* ip = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
+  const int64_t* ip = args.idx.defined() ? args.idx.data_ptr<int64_t>() : nullptr;
   if (ip) {
     for (int64_t r = 0; r < R; ++r)
       TORCH_CHECK(ip[r] >= 0 && ip[r] < Rs, "feature_moments_poly_backward: row_index out of range");
@@ -244,7 +202,7 @@ Tensor class_map_backward_cpu(const Tensor& amap_in, const Tensor& order_idx_in,
   const int64_t K = amap.size(0), C = amap.size(1), P = amap.size(2);
   const int64_t N = order_idx.numel();
   TORCH_CHECK(offsets.numel() == K + 1, "feature_moments_class_map_backward: offsets must be [K+1]");
-  const auto sdt = stat_dtype(out_dtype);
+  const auto sdt = fastdd::acc_scalar_type(out_dtype);
   TORCH_CHECK(amap.scalar_type() == sdt, "feature_moments_class_map_backward: amap must be ", sdt);
   const Tensor center = center_in.to(sdt).contiguous();
   const Tensor coef = coef_in.to(sdt).contiguous();

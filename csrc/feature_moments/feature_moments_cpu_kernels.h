@@ -1,14 +1,13 @@
 // Inner loops of the CPU feature-moment kernels (see feature_moments_cpu.cpp for the contracts).
 //
-// This header is included twice by feature_moments_cpu.cpp: once as namespace `generic` (the build's
-// default ISA) and once as namespace `avx2` inside `#pragma GCC target("avx2,fma")`; the op functions
-// pick one at run time. No include guard on purpose; it relies on the includes of the .cpp.
-#ifndef FM_KERNEL_NS
-#error "feature_moments_cpu_kernels.h is included by feature_moments_cpu.cpp with FM_KERNEL_NS defined"
-#endif
+// Compiled once per SIMD path by csrc/isa_variants.h; the op functions pick one at run time. No include
+// guard and no includes on purpose. Row sums run over fixed lanes (det_kernels.h) and the class sums in
+// sample order, so the results do not depend on the SIMD path or the thread count.
 
 namespace fastdd_feature_moments {
-namespace FM_KERNEL_NS {
+namespace FASTDD_ISA {
+
+#include "../det_kernels.h"
 
 template <typename T>
 inline double to_acc(T v) {
@@ -19,36 +18,42 @@ inline double to_acc<double>(double v) {
   return v;
 }
 
+// f(i, lane) for i < n, lane = i % kLanes, in blocks of kLanes (the inner loop vectorises across lanes).
+template <typename F>
+inline void for_lanes(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) f(i + l, l);
+  for (int l = 0; i < n; ++i, ++l) f(i, l);
+}
+
 // Mean and biased central moments (m2, m3, m4; m3 = m4 = 0 unless ORDER == 4) of one contiguous row:
-// two passes (the row is in L1/L2 for the second), double accumulation.
+// two passes (the row is in L1/L2 for the second), double accumulation over fixed lanes.
 template <typename T, int ORDER>
 inline void row_moments(const T* row, int64_t P, double out[4]) {
-  double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t p = 0; p < P; ++p) s += to_acc(row[p]);
-  const double mu = s / static_cast<double>(P);
-  double s2 = 0.0, s3 = 0.0, s4 = 0.0;
+  double s1[kLanes] = {};
+  for_lanes(P, [&](int64_t p, int l) { s1[l] += to_acc(row[p]); });
+  const double mu = combine_lanes(s1) / static_cast<double>(P);
+  double s2[kLanes] = {}, s3[kLanes] = {}, s4[kLanes] = {};
   if constexpr (ORDER == 4) {
-#pragma omp simd reduction(+ : s2, s3, s4)
-    for (int64_t p = 0; p < P; ++p) {
+    for_lanes(P, [&](int64_t p, int l) {
       const double d = to_acc(row[p]) - mu;
       const double d2 = d * d;
-      s2 += d2;
-      s3 += d2 * d;
-      s4 += d2 * d2;
-    }
+      s2[l] += d2;
+      s3[l] += d2 * d;
+      s4[l] += d2 * d2;
+    });
   } else {
-#pragma omp simd reduction(+ : s2)
-    for (int64_t p = 0; p < P; ++p) {
+    for_lanes(P, [&](int64_t p, int l) {
       const double d = to_acc(row[p]) - mu;
-      s2 += d * d;
-    }
+      s2[l] += d * d;
+    });
   }
   const double inv = 1.0 / static_cast<double>(P);
   out[0] = mu;
-  out[1] = s2 * inv;
-  out[2] = s3 * inv;
-  out[3] = s4 * inv;
+  out[1] = combine_lanes(s2) * inv;
+  out[2] = combine_lanes(s3) * inv;
+  out[3] = combine_lanes(s4) * inv;
 }
 
 template <typename in_t, typename out_t>
@@ -192,5 +197,5 @@ void class_poly_loop(const src_t* amap, const int64_t* oi, const int64_t* off, c
   });
 }
 
-}  // namespace FM_KERNEL_NS
+}  // namespace FASTDD_ISA
 }  // namespace fastdd_feature_moments

@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "feature_moments_args.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -27,7 +29,7 @@ constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;  // warps per block in the row kernel
 constexpr int kThreads = 256;
 
-at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+using fastdd::acc_scalar_type;
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -126,7 +128,7 @@ Tensor rows_cuda(const Tensor& x_in, int64_t order) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) > 0, "feature_moments: x must be [R, P] with P > 0");
   c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous();
-  Tensor out = at::empty({x.size(0), 4}, x.options().dtype(stat_dtype(x.scalar_type())));
+  Tensor out = at::empty({x.size(0), 4}, x.options().dtype(acc_scalar_type(x.scalar_type())));
   launch_rows(x, out, order);
   return out;
 }
@@ -141,7 +143,7 @@ std::tuple<Tensor, Tensor> class_map_cuda(const Tensor& x_in, const Tensor& idx_
   const Tensor idx = idx_in.to(at::kLong).contiguous();
   const Tensor offsets = offsets_in.to(at::kLong).contiguous();
   const int64_t C = x.size(1), P = x.size(2), K = offsets.size(0) - 1;
-  const auto sdt = stat_dtype(x.scalar_type());
+  const auto sdt = acc_scalar_type(x.scalar_type());
   Tensor amap = at::empty({K, C, P}, x.options().dtype(sdt));
   Tensor rowstats = at::empty({K * C, 4}, x.options().dtype(sdt));
   if (K * C > 0) {
@@ -177,35 +179,18 @@ void launch_poly(const Tensor& src, const int64_t* ip, const Tensor& center, con
 
 Tensor poly_backward_cuda(const Tensor& src_in, const std::optional<Tensor>& row_index, const Tensor& center_in,
                           const Tensor& coef_in, int64_t degree, at::ScalarType out_dtype) {
-  TORCH_CHECK(degree == 1 || degree == 3, "feature_moments_poly_backward: degree must be 1 or 3");
-  TORCH_CHECK(src_in.dim() == 2, "feature_moments_poly_backward: src must be [Rs, P]");
   c10::cuda::CUDAGuard guard(src_in.device());
-  const Tensor src = src_in.contiguous();
-  const int64_t Rs = src.size(0), P = src.size(1);
-  Tensor idx;
-  int64_t R = Rs;
-  if (row_index.has_value() && row_index->defined()) {
-    idx = row_index->to(at::kLong).contiguous();
-    R = idx.numel();
-  }
-  const auto sdt = stat_dtype(out_dtype);
-  const Tensor center = center_in.to(sdt).contiguous();
-  const Tensor coef = coef_in.to(sdt).contiguous();
-  TORCH_CHECK(center.numel() == Rs && coef.numel() == 4 * Rs,
-              "feature_moments_poly_backward: center [Rs] and coef [Rs, 4] must match the source rows");
-  Tensor out = at::empty({R, P}, src.options().dtype(out_dtype));
-  if (R == 0 || P == 0) return out;
-  const int64_t* ip = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
+  const auto a = fastdd_feature_moments::poly_args(src_in, row_index, center_in, coef_in, degree, out_dtype);
+  Tensor out = at::empty({a.R, a.P}, a.src.options().dtype(out_dtype));
+  if (a.R == 0 || a.P == 0) return out;
+  const int64_t* ip = a.idx.defined() ? a.idx.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "feature_moments_poly_cuda", [&] {
     using out_t = scalar_t;
     using st_t = at::opmath_type<out_t>;
-    if (src.scalar_type() == out_dtype) {
-      launch_poly<out_t, out_t, st_t>(src, ip, center, coef, out, degree);
-    } else {
-      TORCH_CHECK(src.scalar_type() == sdt, "feature_moments_poly_backward: src must have the output dtype or ",
-                  sdt, ", got ", src.scalar_type());
-      launch_poly<st_t, out_t, st_t>(src, ip, center, coef, out, degree);
-    }
+    if (a.src.scalar_type() == out_dtype)
+      launch_poly<out_t, out_t, st_t>(a.src, ip, a.center, a.coef, out, degree);
+    else
+      launch_poly<st_t, out_t, st_t>(a.src, ip, a.center, a.coef, out, degree);
   });
   return out;
 }

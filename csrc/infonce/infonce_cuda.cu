@@ -21,19 +21,16 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common.h"
+#include "infonce_args.h"
+
 #include <cmath>
 
 namespace fastdd_infonce_cuda {
 namespace {
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
+using fastdd::AccOf;
+using fastdd::acc_scalar_type;
 
 constexpr int kThreads = 256;
 constexpr int kBK = 16;  // features per shared-memory chunk of the dot-product tiles
@@ -46,7 +43,6 @@ struct TileOf {
   static constexpr int TPR = kThreads / BM;  // threads per anchor row in the forward statistics
 };
 
-at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 __device__ __forceinline__ float dexp(float x) { return __expf(x); }
@@ -239,21 +235,13 @@ Inputs prepare(const at::Tensor& syn, const at::Tensor& syn_labels, const at::Te
                const at::Tensor& weights, const at::Tensor& logc, double tau, int64_t form) {
   TORCH_CHECK(syn.is_cuda(), "syn: expected a CUDA tensor, got ", syn.device());
   TORCH_CHECK(real.device() == syn.device(), "real: on device ", real.device(), ", expected ", syn.device());
-  TORCH_CHECK(syn.dim() == 2 && real.dim() == 2, "syn/real: expected 2-d tensors [N, D]");
-  TORCH_CHECK(syn.size(1) == real.size(1), "real: feature dimension ", real.size(1), " does not match syn's ",
-              syn.size(1));
-  TORCH_CHECK(syn.scalar_type() == real.scalar_type(), "real: dtype ", real.scalar_type(), " does not match syn's ",
-              syn.scalar_type());
-  TORCH_CHECK(tau > 0 && std::isfinite(tau), "temperature: must be a positive finite number, got ", tau);
-  TORCH_CHECK(form == 0 || form == 1, "form: expected 0 (supcon) or 1 (nce), got ", form);
+  fastdd_infonce::check_infonce_args(syn, real, weights, tau, form);
   Inputs in;
   in.Ns = syn.size(0);
   in.Nr = real.size(0);
   in.D = syn.size(1);
   const auto acc = acc_scalar_type(syn.scalar_type());
   TORCH_CHECK(syn_labels.numel() == in.Ns && real_labels.numel() == in.Nr, "syn_labels/real_labels: one label per row");
-  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == 2 && weights.size(1) == in.Ns, "weights: expected [2, ",
-              in.Ns, "], got ", weights.sizes());
   TORCH_CHECK(syn_scale.numel() == in.Ns && real_scale.numel() == in.Nr && logc.numel() == in.Ns,
               "syn_scale/real_scale/logc: one entry per row");
   in.syn = syn.contiguous();

@@ -12,8 +12,8 @@
 //        is read once, giving dA[p, i, :] (a dot product with each row of B) and its rank-1 update
 //        A[p, i, :]^T dX[p, i, :] of the dB accumulator (kept in acc precision for the whole plane).
 // Ranks 1..8 are compile-time template arguments (unrolled k loops, vectorised j loops); the inner loops
-// (lowrank_cpu_kernels.h) are compiled for the default ISA and for AVX2+FMA, chosen at run time
-// (FASTDD_CPU_ISA=generic forces the former; the two differ in rounding by the use of FMA).
+// (lowrank_cpu_kernels.h) are compiled once per SIMD path (csrc/isa_variants.h, FASTDD_SIMD) and give
+// bit-identical results on every path and thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -25,163 +25,37 @@
 #include <type_traits>
 #include <vector>
 
-#define LR_KERNEL_NS generic
-#include "lowrank_cpu_kernels.h"
-#undef LR_KERNEL_NS
+#include "../common.h"
+#include "lowrank_args.h"
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX2__)
-#define FASTDD_LR_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define LR_KERNEL_NS avx2
-#include "lowrank_cpu_kernels.h"
-#undef LR_KERNEL_NS
-#pragma GCC pop_options
-#endif
+#define FASTDD_ISA_HEADER "lowrank/lowrank_cpu_kernels.h"
+#include "../isa_variants.h"
 
 namespace fastdd_lowrank {
 namespace {
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
+using fastdd::AccOf;
 
 void check_factors(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.device().is_cpu(), "factor_a: expected a CPU tensor, got ", a.device());
-  TORCH_CHECK(b.device().is_cpu(), "factor_b: expected a CPU tensor, got ", b.device());
-  TORCH_CHECK(a.dim() == 4, "factor_a: expected a 4-d tensor [N, C, H, r], got shape ", a.sizes());
-  TORCH_CHECK(b.dim() == 4, "factor_b: expected a 4-d tensor [N, C, r, W], got shape ", b.sizes());
-  TORCH_CHECK(at::isFloatingType(a.scalar_type()), "factor_a: expected a floating dtype, got ", a.scalar_type());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "factor_b: dtype ", b.scalar_type(), " does not match factor_a's ",
-              a.scalar_type());
-  TORCH_CHECK(a.size(0) == b.size(0) && a.size(1) == b.size(1), "factor_b: leading dims [N, C] ",
-              b.sizes().slice(0, 2), " do not match factor_a's ", a.sizes().slice(0, 2));
-  TORCH_CHECK(a.size(3) == b.size(2), "factor_b: rank ", b.size(2), " (dim 2) does not match factor_a's rank ",
-              a.size(3), " (dim 3)");
-}
-
-// Planes per task: enough work per task (~16k multiply-adds) to amortise the scheduling.
-int64_t plane_grain(int64_t H, int64_t W, int64_t r) {
-  const int64_t work = std::max<int64_t>(1, H * W * r);
-  return std::max<int64_t>(1, 16384 / work);
-}
-
-bool use_avx2() {
-#ifdef FASTDD_LR_AVX2
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* isa = std::getenv("FASTDD_CPU_ISA");
-  return supported && !(isa != nullptr && std::strcmp(isa, "generic") == 0);
-#else
-  return false;
-#endif
-}
-
-// B of one plane in acc precision: the input itself for float / double, else converted into `buf`.
-template <typename scalar_t, typename acc_t>
-inline const acc_t* as_acc(const scalar_t* src, int64_t n, std::vector<acc_t>& buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    for (int64_t t = 0; t < n; ++t) buf[t] = static_cast<acc_t>(src[t]);
-    return buf.data();
-  }
-}
-
-template <typename scalar_t, int R, bool AVX2>
-void fwd_kernel(const scalar_t* A, const scalar_t* B, scalar_t* X, int64_t P, int64_t H, int64_t W, int64_t r) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  at::parallel_for(0, P, plane_grain(H, W, r), [&](int64_t p0, int64_t p1) {
-    std::vector<acc_t> bbuf(std::is_same_v<scalar_t, acc_t> ? 0 : r * W), row(R > 0 ? 0 : W);
-    for (int64_t p = p0; p < p1; ++p) {
-      const acc_t* b = as_acc<scalar_t, acc_t>(B + p * r * W, r * W, bbuf);
-#ifdef FASTDD_LR_AVX2
-      if constexpr (AVX2) {
-        avx2::fwd_plane<scalar_t, acc_t, R>(A + p * H * r, b, X + p * H * W, H, W, r, row.data());
-        continue;
-      }
-#endif
-      generic::fwd_plane<scalar_t, acc_t, R>(A + p * H * r, b, X + p * H * W, H, W, r, row.data());
-    }
-  });
-}
-
-template <typename scalar_t, int R, bool AVX2>
-void bwd_kernel(const scalar_t* G, const scalar_t* A, const scalar_t* B, scalar_t* dA, scalar_t* dB, int64_t P,
-                int64_t H, int64_t W, int64_t r) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
-  at::parallel_for(0, P, plane_grain(H, W, r), [&](int64_t p0, int64_t p1) {
-    std::vector<acc_t> bbuf(same ? 0 : r * W), gbuf(same ? 0 : 4 * W), gb(dB != nullptr ? r * W : 0);
-    for (int64_t p = p0; p < p1; ++p) {
-      const scalar_t* a = A + p * H * r;
-      const acc_t* b = dA != nullptr ? as_acc<scalar_t, acc_t>(B + p * r * W, r * W, bbuf) : nullptr;
-      std::fill(gb.begin(), gb.end(), acc_t(0));
-      acc_t* gbp = dB != nullptr ? gb.data() : nullptr;
-      int64_t i = 0;
-      if constexpr (R > 0) {
-        for (; i + 4 <= H; i += 4) {  // four rows of dX per step, each read once
-          const acc_t* g4 = as_acc<scalar_t, acc_t>(G + (p * H + i) * W, 4 * W, gbuf);
-          scalar_t* dai = dA != nullptr ? dA + (p * H + i) * r : nullptr;
-#ifdef FASTDD_LR_AVX2
-          if constexpr (AVX2) {
-            avx2::bwd_rows4<scalar_t, acc_t, R>(g4, g4 + W, g4 + 2 * W, g4 + 3 * W, a + i * r, b, dai, gbp, W);
-            continue;
-          }
-#endif
-          generic::bwd_rows4<scalar_t, acc_t, R>(g4, g4 + W, g4 + 2 * W, g4 + 3 * W, a + i * r, b, dai, gbp, W);
-        }
-      }
-      for (; i < H; ++i) {
-        const acc_t* gi = as_acc<scalar_t, acc_t>(G + (p * H + i) * W, W, gbuf);  // the one read of dX[p, i]
-        scalar_t* dai = dA != nullptr ? dA + (p * H + i) * r : nullptr;
-#ifdef FASTDD_LR_AVX2
-        if constexpr (AVX2) {
-          avx2::bwd_row<scalar_t, acc_t, R>(gi, a + i * r, b, dai, gbp, W, r);
-          continue;
-        }
-#endif
-        generic::bwd_row<scalar_t, acc_t, R>(gi, a + i * r, b, dai, gbp, W, r);
-      }
-      if (dB != nullptr) {
-        scalar_t* db = dB + p * r * W;
-        for (int64_t t = 0; t < r * W; ++t) db[t] = static_cast<scalar_t>(gb[t]);
-      }
-    }
-  });
+  fastdd::check_cpu(a, "factor_a");
+  fastdd::check_cpu(b, "factor_b");
+  check_factor_shapes(a, b);
 }
 
 // Compile-time ranks 1..8 (the common ones), any other rank through the R = 0 kernels.
 template <typename F>
-void with_rank(int64_t r, bool avx2, F&& f) {
-#define LR_CASE(RR)                                      \
-  case RR:                                               \
-    if (avx2)                                            \
-      f(std::integral_constant<int, RR>{}, std::true_type{}); \
-    else                                                 \
-      f(std::integral_constant<int, RR>{}, std::false_type{}); \
-    return;
+void with_rank(int64_t r, F&& f) {
   switch (r) {
-    LR_CASE(1)
-    LR_CASE(2)
-    LR_CASE(3)
-    LR_CASE(4)
-    LR_CASE(5)
-    LR_CASE(6)
-    LR_CASE(7)
-    LR_CASE(8)
-    default:
-      break;
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 0>{});
   }
-  if (avx2)
-    f(std::integral_constant<int, 0>{}, std::true_type{});
-  else
-    f(std::integral_constant<int, 0>{}, std::false_type{});
-#undef LR_CASE
 }
 
 at::Tensor lowrank_fwd(const at::Tensor& a_in, const at::Tensor& b_in) {
@@ -192,9 +66,11 @@ at::Tensor lowrank_fwd(const at::Tensor& a_in, const at::Tensor& b_in) {
   at::Tensor x = at::empty({N, C, H, W}, a.options());
   if (x.numel() == 0) return x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lowrank_fwd", [&] {
-    with_rank(r, use_avx2(), [&](auto R, auto AVX2) {
-      fwd_kernel<scalar_t, decltype(R)::value, decltype(AVX2)::value>(
-          a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), x.mutable_data_ptr<scalar_t>(), N * C, H, W, r);
+    using acc_t = typename AccOf<scalar_t>::type;
+    with_rank(r, [&](auto R) {
+      FASTDD_ISA_DISPATCH(fastdd_lowrank, fwd_planes<scalar_t, acc_t, decltype(R)::value>(
+                                              a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                              x.mutable_data_ptr<scalar_t>(), N * C, H, W, r));
     });
   });
   return x;
@@ -205,10 +81,8 @@ std::tuple<at::Tensor, at::Tensor> lowrank_bwd(const at::Tensor& grad_in, const 
   at::NoGradGuard no_grad;
   check_factors(a_in, b_in);
   const int64_t N = a_in.size(0), C = a_in.size(1), H = a_in.size(2), r = a_in.size(3), W = b_in.size(3);
-  TORCH_CHECK(grad_in.device().is_cpu(), "grad: expected a CPU tensor, got ", grad_in.device());
-  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == N && grad_in.size(1) == C && grad_in.size(2) == H &&
-                  grad_in.size(3) == W,
-              "grad: expected shape [", N, ", ", C, ", ", H, ", ", W, "], got ", grad_in.sizes());
+  fastdd::check_cpu(grad_in, "grad");
+  check_grad_shape(grad_in, a_in, b_in);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const at::Tensor g = grad_in.to(a.scalar_type()).contiguous();
   at::Tensor da = need_a ? at::empty_like(a) : at::empty({0}, a.options());
@@ -220,11 +94,13 @@ std::tuple<at::Tensor, at::Tensor> lowrank_bwd(const at::Tensor& grad_in, const 
     return {da, db};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lowrank_bwd", [&] {
-    with_rank(r, use_avx2(), [&](auto R, auto AVX2) {
-      bwd_kernel<scalar_t, decltype(R)::value, decltype(AVX2)::value>(
-          g.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-          need_a ? da.mutable_data_ptr<scalar_t>() : nullptr, need_b ? db.mutable_data_ptr<scalar_t>() : nullptr,
-          N * C, H, W, r);
+    using acc_t = typename AccOf<scalar_t>::type;
+    with_rank(r, [&](auto R) {
+      FASTDD_ISA_DISPATCH(fastdd_lowrank, bwd_planes<scalar_t, acc_t, decltype(R)::value>(
+                                              g.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
+                                              b.const_data_ptr<scalar_t>(),
+                                              need_a ? da.mutable_data_ptr<scalar_t>() : nullptr,
+                                              need_b ? db.mutable_data_ptr<scalar_t>() : nullptr, N * C, H, W, r));
     });
   });
   return {da, db};

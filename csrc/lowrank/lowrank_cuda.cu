@@ -25,17 +25,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common.h"
+#include "lowrank_args.h"
+
 namespace fastdd_lowrank_cuda {
 namespace {
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
+using fastdd::AccOf;
 
 constexpr int kStrip = 32;   // columns per block (one warp wide)
 constexpr int kStripes = 8;  // row stripes per block
@@ -46,13 +42,7 @@ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 void check_factors(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.is_cuda(), "factor_a: expected a CUDA tensor, got ", a.device());
   TORCH_CHECK(b.device() == a.device(), "factor_b: on device ", b.device(), ", expected factor_a's ", a.device());
-  TORCH_CHECK(a.dim() == 4, "factor_a: expected a 4-d tensor [N, C, H, r], got shape ", a.sizes());
-  TORCH_CHECK(b.dim() == 4, "factor_b: expected a 4-d tensor [N, C, r, W], got shape ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "factor_b: dtype ", b.scalar_type(), " does not match factor_a's ",
-              a.scalar_type());
-  TORCH_CHECK(a.size(0) == b.size(0) && a.size(1) == b.size(1), "factor_b: leading dims [N, C] do not match factor_a's");
-  TORCH_CHECK(a.size(3) == b.size(2), "factor_b: rank ", b.size(2), " (dim 2) does not match factor_a's rank ",
-              a.size(3), " (dim 3)");
+  fastdd_lowrank::check_factor_shapes(a, b);
   TORCH_CHECK(a.size(2) <= 65535 * 8 && b.size(3) <= 65535 * 32, "image planes larger than the launch grid");
 }
 
@@ -163,9 +153,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_bwd(const at::Tensor& grad_in, const 
   const int64_t N = a_in.size(0), C = a_in.size(1), H = a_in.size(2), r = a_in.size(3), W = b_in.size(3);
   const int64_t P = N * C;
   TORCH_CHECK(grad_in.device() == a_in.device(), "grad: on device ", grad_in.device(), ", expected ", a_in.device());
-  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == N && grad_in.size(1) == C && grad_in.size(2) == H &&
-                  grad_in.size(3) == W,
-              "grad: expected shape [", N, ", ", C, ", ", H, ", ", W, "], got ", grad_in.sizes());
+  fastdd_lowrank::check_grad_shape(grad_in, a_in, b_in);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const at::Tensor g = grad_in.to(a.scalar_type()).contiguous();
   at::Tensor da = need_a ? at::empty_like(a) : at::empty({0}, a.options());
