@@ -123,11 +123,12 @@ def environment(device) -> Dict[str, str]:
 
 
 def fastdd_backends(op: str, device) -> List[str]:
-    """fastdd backends able to run ``op`` on ``device`` (triton on CPU only under TRITON_INTERPRET=1)."""
+    """fastdd backends able to run ``op`` on ``device`` (triton on CPU only under TRITON_INTERPRET=1), less
+    ``torch``: that backend is the plain reference, which the benchmarks time as their eager provider."""
     from fastdd.ops._backend import BACKENDS, backend_available
 
     device_type = torch.device(device).type
-    return [b for b in BACKENDS if backend_available(b, device_type, op)]
+    return [b for b in BACKENDS if b != "torch" and backend_available(b, device_type, op)]
 
 
 def sync(device) -> None:

@@ -3,8 +3,8 @@
     python benchmarks/infonce.py [--quick] [--device cpu|cuda] [--dtype float32 bfloat16] [--threads N]
                                  [--dense-budget-gb G] [--results DIR]
 
-Providers: ``fastdd-<backend>`` for every fastdd backend that runs on the device (cpp and torch on CPU;
-triton, cuda and torch on CUDA), ``torch-eager`` (``infonce_loss_reference``: the dense [Ns, Nr]
+Providers: ``fastdd-<backend>`` for every fastdd backend that runs on the device (cpp and closed_form on CPU;
+triton, cuda and closed_form on CUDA), ``torch-eager`` (``infonce_loss_reference``: the dense [Ns, Nr]
 matrix, autograd backward) and ``torch-compile`` (``torch.compile`` of that reference).
 Modes: fwd, bwd, fwd+bwd, gradients w.r.t. both syn and real. Loss: form="supcon", tau = 0.1,
 normalised rows, 100 classes, Ns = Nr.
@@ -107,7 +107,7 @@ def run(args) -> list:
             nbytes = 2 * n * d * syn.element_size() * (2 if mode != "fwd" else 1)
             providers = []
             for backend in H.fastdd_backends(ops._OP, device):
-                if backend == "torch" and args.quick and n > 4096:
+                if backend == "closed_form" and args.quick and n > 4096:
                     continue
                 providers.append((f"fastdd-{backend}", lambda b=backend: ops.infonce_loss(
                     syn, sl, real, rl, backend=b, validate=False)))

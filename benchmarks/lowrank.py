@@ -3,8 +3,8 @@
     python benchmarks/lowrank.py [--quick] [--device cpu|cuda] [--dtype float32 ...] [--threads N]
                                  [--sizes cifar-500 ...] [--ranks 2 4 8] [--results DIR]
 
-Providers: ``fastdd-<backend>`` for every fastdd backend that can run on the device (cpp and torch on
-CPU; triton, cuda and torch on CUDA), ``torch-eager`` (plain ``A @ B`` and its autograd backward, two
+Providers: ``fastdd-<backend>`` for every fastdd backend that can run on the device (cpp and closed_form on
+CPU; triton, cuda and closed_form on CUDA), ``torch-eager`` (plain ``A @ B`` and its autograd backward, two
 batched GEMMs) and ``torch-compile`` (``torch.compile`` of ``A @ B``; compile time excluded by the
 warm-up). Modes: fwd, bwd, fwd+bwd, with both factors requiring gradients (the training step of spec
 1.2). Sizes: CIFAR (N = 500 or 5000 images x 3 x 32 x 32; CIFAR-10 at IPC 50 with r = 2 is 10 x 400 =

@@ -3,8 +3,8 @@
     python benchmarks/mmd.py [--quick] [--device cpu|cuda] [--dtype float32 ...] [--threads N]
                              [--no-gaussian] [--results DIR]
 
-Providers: ``fastdd-<backend>`` for every fastdd backend that can run on the device (cpp and torch on
-CPU; triton, cuda and torch on CUDA), ``torch-eager`` (the plain-torch reference
+Providers: ``fastdd-<backend>`` for every fastdd backend that can run on the device (cpp and closed_form on
+CPU; triton, cuda and closed_form on CUDA), ``torch-eager`` (the plain-torch reference
 ``class_mmd_reference`` / ``gaussian_class_mmd_reference`` called directly) and ``torch-compile``
 (``torch.compile`` of that reference; compile time excluded by the warm-up).
 Modes: fwd, bwd, fwd+bwd, as in DM: the real features need no gradient, the synthetic ones do.
@@ -74,7 +74,7 @@ def providers(op: str, device, size: str):
     out = []
     native_name = "class_mmd_fwd" if op == "class_mmd" else "gaussian_class_mmd_fwd"
     for backend in H.fastdd_backends(native_name, device):
-        if backend == "torch" and (op == "gaussian_class_mmd" or device.type == "cpu" and size.startswith("imagenet")):
+        if backend == "closed_form" and (op == "gaussian_class_mmd" or device.type == "cpu" and size.startswith("imagenet")):
             continue  # same computation as torch-eager (the reference), plus the op's dispatch
         if op == "class_mmd":
             out.append((f"fastdd-{backend}", lambda r, rl, s, sl, k, b=backend: ops.class_mmd(

@@ -87,7 +87,7 @@ def size_str(shape):
 def providers(device_type: str):
     from benchmarks._harness import fastdd_backends
 
-    names = [f"fastdd-{b}" for b in fastdd_backends("feature_moments", device_type) if b != "torch"]
+    names = [f"fastdd-{b}" for b in fastdd_backends("feature_moments", device_type)]
     return names + ["torch-eager", "torch-compile"]
 
 

@@ -20,15 +20,18 @@ def check_tensor(
     device: Optional[torch.device] = None,
     finite: bool = False,
     nonempty: bool = False,
+    layout: str = "",
 ) -> torch.Tensor:
     """Validate ``value`` and return it.
 
     ``shape`` entries that are ``None`` match any size. ``finite=True`` rejects NaN/Inf (floating only).
+    ``layout`` (e.g. ``"[N, D]"``) is named in the message of a wrong ``ndim``.
     """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if ndim is not None and value.dim() != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(value.shape)}")
+        layout = f" {layout}" if layout else ""
+        raise ValueError(f"{name}: expected a {ndim}-d tensor{layout}, got shape {tuple(value.shape)}")
     if shape is not None:
         if value.dim() != len(shape) or any(
             want is not None and got != want for got, want in zip(value.shape, shape)

@@ -30,13 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+from fastdd.kernels._common import acc_dtype, dot_tile, tl_acc
 
 
 def _block_d(D: int, cap: int = 128) -> int:
@@ -131,7 +125,7 @@ def class_mmd_forward(real: torch.Tensor, real_labels: torch.Tensor, syn: torch.
     """(loss [] in real.dtype, diff [K, D], inv_nr [K], inv_ns [K]) with diff = mean_r - mean_s (acc dtype)."""
     real, syn = _check(real), _check(syn)
     K, D = num_classes, real.shape[1]
-    acc = _acc_dtype(real.dtype)
+    acc = acc_dtype(real.dtype)
     perm_r, _, off_r = group_by_class(real_labels, K)
     perm_s, _, off_s = group_by_class(syn_labels, K)
     BLOCK_D = block_d or _block_d(D)
@@ -142,7 +136,7 @@ def class_mmd_forward(real: torch.Tensor, real_labels: torch.Tensor, syn: torch.
     partial = torch.empty((K, n_db), device=real.device, dtype=acc)
     _mean_diff_kernel[(K, n_db)](
         real, perm_r, off_r, syn, perm_s, off_s, diff, inv_nr, inv_ns, partial, D, real.stride(0), syn.stride(0),
-        n_db, ACC=_tl_acc(real.dtype), BLOCK_R=block_r, BLOCK_D=BLOCK_D,
+        n_db, ACC=tl_acc(real.dtype), BLOCK_R=block_r, BLOCK_D=BLOCK_D,
     )
     loss = partial.sum().to(real.dtype)
     return loss, diff, inv_nr, inv_ns
@@ -163,7 +157,7 @@ def class_mmd_backward(grad: torch.Tensor, diff: torch.Tensor, inv_nr: torch.Ten
         if n > 0 and D > 0:
             _mean_grad_kernel[(triton.cdiv(n, block_r), triton.cdiv(D, BLOCK_D))](
                 grad, diff, inv.contiguous(), labels.contiguous(), out, n, D, sign,
-                ACC=_tl_acc(diff.dtype), BLOCK_R=block_r, BLOCK_D=BLOCK_D,
+                ACC=tl_acc(diff.dtype), BLOCK_R=block_r, BLOCK_D=BLOCK_D,
             )
         outs.append(out)
     return outs[0], outs[1]
@@ -176,10 +170,10 @@ def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int, *, bloc
     K, D = num_classes, x.shape[1]
     perm, _, off = group_by_class(labels, K)
     out = torch.empty((K, D), device=x.device, dtype=x.dtype)
-    inv = torch.empty((K,), device=x.device, dtype=_acc_dtype(x.dtype))
+    inv = torch.empty((K,), device=x.device, dtype=acc_dtype(x.dtype))
     BLOCK_D = block_d or _block_d(D)
     _segment_mean_kernel[(K, triton.cdiv(D, BLOCK_D))](
-        x, perm, off, out, inv, D, x.stride(0), ACC=_tl_acc(x.dtype), BLOCK_R=block_r, BLOCK_D=BLOCK_D,
+        x, perm, off, out, inv, D, x.stride(0), ACC=tl_acc(x.dtype), BLOCK_R=block_r, BLOCK_D=BLOCK_D,
     )
     return out, inv
 
@@ -208,78 +202,66 @@ def _row_norms(x_ptr, idx, rmask, D, stride, ACC: tl.constexpr, BLOCK_M: tl.cons
 
 
 @triton.jit
-def _gram_tile(x_ptr, xi, rmask, y_ptr, yj, cmask, D, stride_x, stride_y, ACC: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(x_i . y_j for the tile [BLOCK_M, BLOCK_N], ||y_j||^2 [BLOCK_N])."""
-    gram = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    yn = tl.zeros([BLOCK_N], dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        dmask = (cols < D)[None, :]
-        x = tl.load(x_ptr + xi[:, None] * stride_x + cols[None, :], mask=rmask[:, None] & dmask, other=0.0)
-        y = tl.load(y_ptr + yj[:, None] * stride_y + cols[None, :], mask=cmask[:, None] & dmask, other=0.0)
-        if ACC == tl.float64:
-            gram += tl.dot(x.to(ACC), tl.trans(y.to(ACC)), out_dtype=ACC)
-        elif x.dtype == tl.float32:
-            gram += tl.dot(x, tl.trans(y), input_precision="ieee")
-        else:
-            gram += tl.dot(x, tl.trans(y))
-        yf = y.to(ACC)
-        yn += tl.sum(yf * yf, axis=1)
-    return gram, yn
+def _tile_distances(x_ptr, xi, rmask, xn, cx, y_ptr, y_perm_ptr, y_lab_ptr, j0, hi, D, stride_x, stride_y,
+                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Squared distances d2 [BLOCK_M, BLOCK_N] between this program's rows and the sorted y rows j0.., the
+    same-class mask, the y row indices and their mask."""
+    cols = j0 + tl.arange(0, BLOCK_N)
+    cmask = cols < hi
+    yj = tl.load(y_perm_ptr + cols, mask=cmask, other=0).to(tl.int64)
+    cy = tl.load(y_lab_ptr + cols, mask=cmask, other=-2)
+    gram, yn = dot_tile(x_ptr, xi, rmask, y_ptr, yj, cmask, D, stride_x, stride_y, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
+                        True)
+    d2 = tl.maximum(xn[:, None] + yn[None, :] - 2.0 * gram, 0.0)
+    same = (cx[:, None] == cy[None, :]) & rmask[:, None] & cmask[None, :]
+    return d2, same, yj, cmask
+
+
+@triton.jit
+def _program_rows(x_ptr, x_perm_ptr, x_lab_ptr, y_off_ptr, Nx, D, stride_x, ACC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sorted x rows: (row mask, input indices, labels, squared norms, y range lo..hi)."""
+    pid = tl.program_id(0)
+    rows, rmask, lo, hi = _tile_setup(x_lab_ptr, y_off_ptr, pid, Nx, BLOCK_M)
+    xi = tl.load(x_perm_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    cx = tl.load(x_lab_ptr + rows, mask=rmask, other=-1)
+    xn = _row_norms(x_ptr, xi, rmask, D, stride_x, ACC, BLOCK_M, BLOCK_D)
+    return rmask, xi, cx, xn, lo, hi
 
 
 @triton.jit
 def _pair_sum_kernel(x_ptr, x_perm_ptr, x_lab_ptr, y_ptr, y_perm_ptr, y_lab_ptr, y_off_ptr, w_ptr, gam_ptr,
                      out_ptr, Nx, D, stride_x, stride_y, NB: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    rows, rmask, lo, hi = _tile_setup(x_lab_ptr, y_off_ptr, pid, Nx, BLOCK_M)
-    xi = tl.load(x_perm_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    cx = tl.load(x_lab_ptr + rows, mask=rmask, other=-1)
-    xn = _row_norms(x_ptr, xi, rmask, D, stride_x, ACC, BLOCK_M, BLOCK_D)
+    rmask, xi, cx, xn, lo, hi = _program_rows(x_ptr, x_perm_ptr, x_lab_ptr, y_off_ptr, Nx, D, stride_x, ACC,
+                                              BLOCK_M, BLOCK_D)
     total = tl.zeros([BLOCK_M], dtype=ACC)
     for j0 in range(lo, hi, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        cmask = cols < hi
-        yj = tl.load(y_perm_ptr + cols, mask=cmask, other=0).to(tl.int64)
-        cy = tl.load(y_lab_ptr + cols, mask=cmask, other=-2)
-        gram, yn = _gram_tile(x_ptr, xi, rmask, y_ptr, yj, cmask, D, stride_x, stride_y, ACC,
-                              BLOCK_M, BLOCK_N, BLOCK_D)
-        d2 = tl.maximum(xn[:, None] + yn[None, :] - 2.0 * gram, 0.0)
+        d2, same, yj, cmask = _tile_distances(x_ptr, xi, rmask, xn, cx, y_ptr, y_perm_ptr, y_lab_ptr, j0, hi, D,
+                                              stride_x, stride_y, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
         k = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         for b in tl.static_range(NB):
             k += tl.exp(-tl.load(gam_ptr + b) * d2)
-        same = (cx[:, None] == cy[None, :]) & rmask[:, None] & cmask[None, :]
         total += tl.sum(tl.where(same, k, 0.0), axis=1)
     w = tl.load(w_ptr + cx, mask=rmask, other=0.0)
-    tl.store(out_ptr + pid, tl.sum(total * w, axis=0))
+    tl.store(out_ptr + tl.program_id(0), tl.sum(total * w, axis=0))
 
 
 @triton.jit
 def _pair_grad_kernel(x_ptr, x_perm_ptr, x_lab_ptr, y_ptr, y_perm_ptr, y_lab_ptr, y_off_ptr, coef_ptr, gam_ptr,
                       out_ptr, Nx, D, stride_x, stride_y, NB: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    rows, rmask, lo, hi = _tile_setup(x_lab_ptr, y_off_ptr, pid, Nx, BLOCK_M)
-    xi = tl.load(x_perm_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    cx = tl.load(x_lab_ptr + rows, mask=rmask, other=-1)
+    rmask, xi, cx, xn, lo, hi = _program_rows(x_ptr, x_perm_ptr, x_lab_ptr, y_off_ptr, Nx, D, stride_x, ACC,
+                                              BLOCK_M, BLOCK_D)
     coef = tl.load(coef_ptr + cx, mask=rmask, other=0.0)
-    xn = _row_norms(x_ptr, xi, rmask, D, stride_x, ACC, BLOCK_M, BLOCK_D)
     rowsum = tl.zeros([BLOCK_M], dtype=ACC)
     for j0 in range(lo, hi, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        cmask = cols < hi
-        yj = tl.load(y_perm_ptr + cols, mask=cmask, other=0).to(tl.int64)
-        cy = tl.load(y_lab_ptr + cols, mask=cmask, other=-2)
-        gram, yn = _gram_tile(x_ptr, xi, rmask, y_ptr, yj, cmask, D, stride_x, stride_y, ACC,
-                              BLOCK_M, BLOCK_N, BLOCK_D)
-        d2 = tl.maximum(xn[:, None] + yn[None, :] - 2.0 * gram, 0.0)
+        d2, same, yj, cmask = _tile_distances(x_ptr, xi, rmask, xn, cx, y_ptr, y_perm_ptr, y_lab_ptr, j0, hi, D,
+                                              stride_x, stride_y, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
         w = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         for b in tl.static_range(NB):
             gb = tl.load(gam_ptr + b)
             w += 2.0 * gb * tl.exp(-gb * d2)
-        same = (cx[:, None] == cy[None, :]) & rmask[:, None] & cmask[None, :]
         w = tl.where(same, w * coef[:, None], 0.0)
         rowsum += tl.sum(w, axis=1)
         # out[i] -= sum_j W_ij y_j, one block of columns at a time (each program owns its rows)
@@ -320,7 +302,7 @@ def gaussian_class_mmd_forward(real, real_labels, syn, syn_labels, num_classes: 
     """sum_c [mean k(r, r') + mean k(s, s') - 2 mean k(r, s)] over same-class pairs; 0-d, real.dtype."""
     real, syn = _check(real), _check(syn)
     K, D = num_classes, real.shape[1]
-    acc = _acc_dtype(real.dtype)
+    acc = acc_dtype(real.dtype)
     gr = group_by_class(real_labels, K)
     gs = group_by_class(syn_labels, K)
     nr = (gr[2][1:] - gr[2][:-1]).to(acc)
@@ -342,7 +324,7 @@ def gaussian_class_mmd_forward(real, real_labels, syn, syn_labels, num_classes: 
         partial = torch.empty((grid,), device=real.device, dtype=acc)
         _pair_sum_kernel[(grid,)](
             x, gx[0], gx[1], y, gy[0], gy[1], gy[2], w.contiguous(), gam, partial, n, D, x.stride(0), y.stride(0),
-            NB=len(bandwidths), ACC=_tl_acc(real.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+            NB=len(bandwidths), ACC=tl_acc(real.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
         )
         total = total + partial.sum()
     return total.to(real.dtype)
@@ -355,7 +337,7 @@ def gaussian_class_mmd_backward(grad, real, real_labels, syn, syn_labels, num_cl
     """(grad_real [Nr, D] or [0, D], grad_syn [Ns, D] or [0, D]) in the input dtype."""
     real, syn = _check(real), _check(syn)
     K, D = num_classes, real.shape[1]
-    acc = _acc_dtype(real.dtype)
+    acc = acc_dtype(real.dtype)
     gr = group_by_class(real_labels, K)
     gs = group_by_class(syn_labels, K)
     nr = (gr[2][1:] - gr[2][:-1]).to(acc)
@@ -378,7 +360,7 @@ def gaussian_class_mmd_backward(grad, real, real_labels, syn, syn_labels, num_cl
                 continue
             _pair_grad_kernel[(triton.cdiv(n, BM),)](
                 x, gx[0], gx[1], y, gy[0], gy[1], gy[2], coef.contiguous(), gam, out, n, D, x.stride(0),
-                y.stride(0), NB=len(bandwidths), ACC=_tl_acc(real.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+                y.stride(0), NB=len(bandwidths), ACC=tl_acc(real.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
             )
         outs.append(out.to(x.dtype))
     return outs[0], outs[1]

@@ -22,38 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+from fastdd.kernels._common import acc_dtype, dot_tile, tl_acc
 
 
 def _blocks(D: int, dtype: torch.dtype):
     cap = 32 if dtype in (torch.float32, torch.float64) else 64
     bd = max(16, min(cap, triton.next_power_of_2(max(D, 1))))
     return 32, 64, bd
-
-
-@triton.jit
-def _dot_tile(a_ptr, ia, amask, b_ptr, ib, bmask, D, stride_a, stride_b, ACC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """a_i . b_j for the tile [BLOCK_M, BLOCK_N] (raw rows, accumulated in ACC)."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        dmask = (cols < D)[None, :]
-        a = tl.load(a_ptr + ia[:, None] * stride_a + cols[None, :], mask=amask[:, None] & dmask, other=0.0)
-        b = tl.load(b_ptr + ib[:, None] * stride_b + cols[None, :], mask=bmask[:, None] & dmask, other=0.0)
-        if ACC == tl.float64:
-            acc += tl.dot(a.to(ACC), tl.trans(b.to(ACC)), out_dtype=ACC)
-        elif a.dtype == tl.float32:
-            acc += tl.dot(a, tl.trans(b), input_precision="ieee")
-        else:
-            acc += tl.dot(a, tl.trans(b))
-    return acc
 
 
 @triton.jit
@@ -83,8 +58,9 @@ def _fwd_kernel(s_ptr, sl_ptr, ss_ptr, r_ptr, rl_ptr, rs_ptr, w_ptr, logc_ptr, r
         cmask = cols < Nr
         labc = tl.load(rl_ptr + cols, mask=cmask, other=-2).to(tl.int64)
         b = tl.load(rs_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        s = _dot_tile(s_ptr, ri, rmask, r_ptr, cols.to(tl.int64), cmask, D, stride_s, stride_r, ACC,
-                      BLOCK_M, BLOCK_N, BLOCK_D) * a[:, None] * b[None, :]
+        dots, _ = dot_tile(s_ptr, ri, rmask, r_ptr, cols.to(tl.int64), cmask, D, stride_s, stride_r, ACC,
+                           BLOCK_M, BLOCK_N, BLOCK_D, False)
+        s = dots * a[:, None] * b[None, :]
         pos = (lab[:, None] == labc[None, :]) & cmask[None, :]
         if FORM == 0:
             s = tl.where(cmask[None, :], s, float("-inf"))
@@ -127,8 +103,9 @@ def _bwd_kernel(a_ptr, al_ptr, as_ptr, b_ptr, bl_ptr, bs_ptr, w_ptr, logc_ptr, l
         cj = cols.to(tl.int64)
         labc = tl.load(bl_ptr + cols, mask=cmask, other=-2).to(tl.int64)
         sb = tl.load(bs_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        s = _dot_tile(a_ptr, ri, rmask, b_ptr, cj, cmask, D, stride_a, stride_b, ACC, BLOCK_M, BLOCK_N,
-                      BLOCK_D) * (sa * inv_tau)[:, None] * sb[None, :]
+        dots, _ = dot_tile(a_ptr, ri, rmask, b_ptr, cj, cmask, D, stride_a, stride_b, ACC, BLOCK_M, BLOCK_N,
+                           BLOCK_D, False)
+        s = dots * (sa * inv_tau)[:, None] * sb[None, :]
         if SYN_ROWS:
             v = v_r[:, None]
             u = u_r[:, None]
@@ -171,7 +148,7 @@ def infonce_forward(syn, syn_labels, real, real_labels, syn_scale, real_scale, w
     """(row_loss [Ns], lse [Ns]) in the accumulation dtype."""
     syn, real = _rowmajor(syn), _rowmajor(real)
     Ns, Nr, D = syn.shape[0], real.shape[0], syn.shape[1]
-    acc = _acc_dtype(syn.dtype)
+    acc = acc_dtype(syn.dtype)
     BM, BN, BD = _blocks(D, syn.dtype)
     row = torch.empty((Ns,), device=syn.device, dtype=acc)
     lse = torch.empty((Ns,), device=syn.device, dtype=acc)
@@ -179,7 +156,7 @@ def infonce_forward(syn, syn_labels, real, real_labels, syn_scale, real_scale, w
         syn, syn_labels.contiguous(), syn_scale.to(acc).contiguous(), real, real_labels.contiguous(),
         real_scale.to(acc).contiguous(), weights.to(acc).contiguous(), logc.to(acc).contiguous(), row, lse,
         Ns, Nr, D, syn.stride(0), real.stride(0), 1.0 / temperature,
-        FORM=form, ACC=_tl_acc(syn.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+        FORM=form, ACC=tl_acc(syn.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
     )
     return row, lse
 
@@ -190,7 +167,7 @@ def infonce_backward(syn, syn_labels, real, real_labels, syn_scale, real_scale, 
     the scaled rows z; the weights already carry the incoming gradient)."""
     syn, real = _rowmajor(syn), _rowmajor(real)
     Ns, D = syn.shape[0], syn.shape[1]
-    acc = _acc_dtype(syn.dtype)
+    acc = acc_dtype(syn.dtype)
     BM, BN, BD = _blocks(D, syn.dtype)
     sl, rl = syn_labels.contiguous(), real_labels.contiguous()
     ss, rs = syn_scale.to(acc).contiguous(), real_scale.to(acc).contiguous()
@@ -204,7 +181,7 @@ def infonce_backward(syn, syn_labels, real, real_labels, syn_scale, real_scale, 
         out = torch.zeros((a.shape[0], D), device=syn.device, dtype=acc)
         _bwd_kernel[(triton.cdiv(a.shape[0], BM),)](
             a, al, sa, b, bl, sb, w, lc, ls, out, a.shape[0], b.shape[0], D, Ns, a.stride(0), b.stride(0),
-            1.0 / temperature, SYN_ROWS=syn_rows, FORM=form, ACC=_tl_acc(syn.dtype), BLOCK_M=BM, BLOCK_N=BN,
+            1.0 / temperature, SYN_ROWS=syn_rows, FORM=form, ACC=tl_acc(syn.dtype), BLOCK_M=BM, BLOCK_N=BN,
             BLOCK_D=BD,
         )
         outs.append(out)

@@ -26,9 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fastdd.kernels._common import acc_dtype, tl_acc
 
 
 @triton.jit
@@ -109,10 +107,6 @@ def _config(dtype: torch.dtype, H: int, W: int, r: int, *, bw_max: int):
     return bh, bw, rb, use_dot, prec
 
 
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def lowrank_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """X [N, C, H, W] = A [N, C, H, r] @ B [N, C, r, W] per plane, in A's dtype (fp32 accumulation)."""
     a, b = a.contiguous(), b.contiguous()
@@ -123,7 +117,7 @@ def lowrank_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return x
     bh, bw, rb, use_dot, prec = _config(a.dtype, H, W, r, bw_max=128)
     grid = (N * C, triton.cdiv(H, bh), triton.cdiv(W, bw))
-    _fwd_kernel[grid](a, b, x, H, W, r, ACC=_tl_acc(a.dtype), BH=bh, BW=bw, RB=rb, USE_DOT=use_dot, PREC=prec)
+    _fwd_kernel[grid](a, b, x, H, W, r, ACC=tl_acc(a.dtype), BH=bh, BW=bw, RB=rb, USE_DOT=use_dot, PREC=prec)
     return x
 
 
@@ -147,12 +141,12 @@ def lowrank_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, need_
         bh, num_warps = 16, 8
     n_wb = triton.cdiv(W, bw)
     split = need_a and n_wb > 1
-    da_out = torch.empty((n_wb, N, C, H, r), device=a.device, dtype=_acc_dtype(a.dtype)) if split else da
+    da_out = torch.empty((n_wb, N, C, H, r), device=a.device, dtype=acc_dtype(a.dtype)) if split else da
     da_arg = da_out if need_a else a  # a dummy pointer when dA is not needed (never written)
     db_arg = db if need_b else b
     grid = (P, n_wb, triton.cdiv(r, rb))
     _bwd_kernel[grid](g, a, b, da_arg, db_arg, H, W, r, P * H * r if split else 0,
-                      NEED_A=need_a, NEED_B=need_b, ACC=_tl_acc(a.dtype), BH=bh, BW=bw, RB=rb, USE_DOT=use_dot,
+                      NEED_A=need_a, NEED_B=need_b, ACC=tl_acc(a.dtype), BH=bh, BW=bw, RB=rb, USE_DOT=use_dot,
                       PREC=prec, num_warps=num_warps)
     if split:
         da = da_out.sum(0).to(a.dtype)

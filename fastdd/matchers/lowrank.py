@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastdd.ops import lowrank as _ops
+from fastdd.ops._common import check_backend_name
 
 
 class LowRankImages(nn.Module):
@@ -27,7 +28,7 @@ class LowRankImages(nn.Module):
 
     def __init__(self, factor_a: torch.Tensor, factor_b: torch.Tensor, backend: Optional[str] = None):
         super().__init__()
-        _ops._check_backend_name(backend)
+        check_backend_name(backend)
         _ops.validate_factors(factor_a, factor_b, check_finite=True)
         self.factor_a = nn.Parameter(factor_a.detach().clone().contiguous())
         self.factor_b = nn.Parameter(factor_b.detach().clone().contiguous())

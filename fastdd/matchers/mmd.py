@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fastdd.ops import class_mmd as _ops
+from fastdd.ops._common import check_backend_name
 
 _KERNELS = ("linear", "gaussian")
 
@@ -41,7 +42,7 @@ class MMDMatcher(nn.Module):
             if bandwidths is not None:
                 raise ValueError("bandwidths: only used with kernel='gaussian'")
             self.bandwidths = None
-        _ops._check_backend_name(backend)
+        check_backend_name(backend)
         self.kernel = kernel
         self.backend = backend
         self.validate = validate

@@ -1,21 +1,25 @@
 """Backend choice for fastdd's fused ops.
 
-Every op has up to four implementations:
+Every op has up to five implementations:
 
-========  ===========================================  =========================
-backend   where it runs                                source
-========  ===========================================  =========================
-triton    CUDA tensors (CPU under TRITON_INTERPRET=1)   ``kernels/<op>.py``
-cuda      CUDA tensors                                  ``csrc/<op>/*.cu``
-cpp       CPU tensors                                   ``csrc/<op>/*.cpp`` (OpenMP)
-torch     anywhere                                      ``fastdd/ops/<op>.py`` reference
-========  ===========================================  =========================
+===========  ===========================================  =============================================
+backend      where it runs                                source
+===========  ===========================================  =============================================
+triton       CUDA tensors (CPU under TRITON_INTERPRET=1)   ``kernels/<op>.py``
+cuda         CUDA tensors                                  ``csrc/<op>/*.cu``
+cpp          CPU tensors                                   ``csrc/<op>/*.cpp`` (OpenMP)
+closed_form  anywhere (ops that declare one)               ``fastdd/ops/<op>.py``: torch forward with the
+                                                           hand-derived backward, inside the custom op
+torch        anywhere                                      ``fastdd/ops/<op>.py``: the plain reference,
+                                                           differentiated by autograd (no custom op)
+===========  ===========================================  =============================================
 
-Automatic choice: CUDA -> triton, else cuda, else torch; CPU -> cpp, else torch (and triton only when the
-Triton interpreter is switched on *and* it is asked for by name). ``FASTDD_BACKEND=triton|cuda|cpp|torch``
-forces one backend for every op; asking by name for a backend that cannot run raises
-:class:`BackendUnavailableError`, while an automatic choice that has to fall back says so once (a
-``RuntimeWarning``).
+Automatic choice: CUDA -> triton, else cuda, else closed_form, else torch; CPU -> cpp, else closed_form,
+else torch (triton on the CPU only when the Triton interpreter is switched on *and* it is asked for by
+name). ``FASTDD_BACKEND=<name>`` forces one backend for every op; asking by name for a backend that cannot
+run raises :class:`BackendUnavailableError`, while an automatic choice that has to fall back says so once
+(a ``RuntimeWarning``). :func:`resolve_backend` is what the ops call, in Python, before their custom op:
+it is a constant under ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("triton", "cuda", "cpp", "torch")
+BACKENDS = ("triton", "cuda", "cpp", "closed_form", "torch")
 ENV_VAR = "FASTDD_BACKEND"
 
 
@@ -72,10 +76,20 @@ def triton_importable() -> bool:
     return True
 
 
+_CLOSED_FORM_OPS: set = set()
+
+
+def declare_closed_form(op: str) -> None:
+    """Record that ``op`` has a ``closed_form`` backend (torch forward + hand-derived backward)."""
+    _CLOSED_FORM_OPS.add(op)
+
+
 def backend_available(backend: str, device_type: str, op: str) -> bool:
     """Whether ``backend`` can run ``op`` on tensors of ``device_type`` ("cpu" or "cuda")."""
     if backend == "torch":
         return True
+    if backend == "closed_form":
+        return op in _CLOSED_FORM_OPS
     if backend == "cpp":
         return device_type == "cpu" and native_has_op(op)
     if backend == "cuda":
@@ -155,7 +169,7 @@ def select_backend(op: str, device: torch.device, backend: Optional[str] = None)
                 f"triton importable: {triton_importable()}, TRITON_INTERPRET: {triton_interpreting()})"
             )
         return forced
-    order = ("triton", "cuda", "torch") if device_type == "cuda" else ("cpp", "torch")
+    order = ("triton", "cuda", "closed_form", "torch") if device_type == "cuda" else ("cpp", "closed_form", "torch")
     for candidate in order:
         if backend_available(candidate, device_type, op):
             if candidate != order[0]:
@@ -168,3 +182,12 @@ def select_backend(op: str, device: torch.device, backend: Optional[str] = None)
                     )
             return candidate
     return "torch"
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(op: str, device_type: str, backend: Optional[str] = None) -> str:
+    """:func:`select_backend` for tensors on ``device_type``, as the ops call it before their custom op.
+
+    A constant under ``torch.compile``: the choice is made once per call site at trace time (changing
+    ``FASTDD_BACKEND`` afterwards does not retrace)."""
+    return select_backend(op, torch.device(device_type), backend)

@@ -19,23 +19,24 @@ Outputs are in the input dtype; every backend accumulates in fp32 (fp64 for fp64
 
 Backends and registration
 -------------------------
-=======  ====================  ==========================================================================
-backend  device                implementation
-=======  ====================  ==========================================================================
-triton   CUDA (CPU interp.)    ``kernels/class_mmd.py`` (loaded lazily: ``fastdd.kernels.class_mmd``, or
-                               ``<repo>/kernels/class_mmd.py`` in a source tree without install)
-cuda     CUDA                  ``csrc/class_mmd/class_mmd_cuda.cu`` -> ``torch.ops.fastdd_C.*``
-cpp      CPU                   ``csrc/class_mmd/class_mmd_cpu.cpp`` (OpenMP) -> ``torch.ops.fastdd_C.*``
-torch    anywhere              the plain-torch code in this file (dense kernel matrices for Gaussian)
-=======  ====================  ==========================================================================
+===========  ==================  ======================================================================
+backend      device              implementation
+===========  ==================  ======================================================================
+triton       CUDA (CPU interp.)  ``kernels/class_mmd.py`` (loaded lazily: ``fastdd.kernels.class_mmd``,
+                                 or ``<repo>/kernels/class_mmd.py`` in a source tree without install)
+cuda         CUDA                ``csrc/class_mmd/class_mmd_cuda.cu`` -> ``torch.ops.fastdd_C.*``
+cpp          CPU                 ``csrc/class_mmd/class_mmd_cpu.cpp`` (OpenMP) -> ``torch.ops.fastdd_C.*``
+closed_form  anywhere            plain-torch forward with the hand-derived backward in this file (dense
+                                 kernel matrices for Gaussian)
+torch        anywhere            the ``*_reference`` functions, differentiated by autograd
+===========  ==================  ======================================================================
 
-Design choice: every backend runs inside one opaque ``torch.library.custom_op`` per direction
-(``fastdd::class_mmd`` / ``fastdd::class_mmd_backward``, ``fastdd::class_means``,
+Registration follows the op-layer rule (``fastdd/ops/README.md``): the public functions resolve the
+backend in Python (:func:`fastdd.ops._backend.resolve_backend`, a constant under ``torch.compile``);
+``torch`` calls the reference; every other backend runs inside one ``torch.library.custom_op`` per
+direction (``fastdd::class_mmd`` / ``fastdd::class_mmd_backward``, ``fastdd::class_means``,
 ``fastdd::gaussian_class_mmd`` / ``fastdd::gaussian_class_mmd_backward``) with ``register_fake`` and
-``register_autograd``; the implementation calls :func:`fastdd.ops._backend.select_backend` at run time and
-then the chosen launcher. The Triton path is therefore *not* a ``triton_op``: Inductor cannot fuse into it,
-but the kernels are single launches of a loss, the dispatch stays in one place for all four backends, and
-``torch.compile(fullgraph=True)`` and ``opcheck`` see one well-defined op. The forward op of the linear
+``register_autograd``, which looks the launcher up by the resolved name. The forward op of the linear
 MMD also returns the per-class difference of means and inverse counts (fp32/fp64), which its backward
 reuses, so the backward is one write pass over the gradient. ``backend=None`` means automatic choice (or
 ``FASTDD_BACKEND``); naming an unavailable backend raises :class:`BackendUnavailableError`.
@@ -55,7 +56,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from fastdd.ops._backend import BackendUnavailableError, select_backend, triton_kernels
+from fastdd.ops._backend import BackendUnavailableError, declare_closed_form, resolve_backend, triton_kernels
+from fastdd.ops._common import acc_dtype, check_backend_name, check_features, dispatch
 from fastdd.validation import check_row_labels
 
 __all__ = [
@@ -73,18 +75,14 @@ __all__ = [
 _OP_LINEAR = "class_mmd_fwd"
 _OP_MEANS = "class_means"
 _OP_GAUSS = "gaussian_class_mmd_fwd"
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+for _op in (_OP_LINEAR, _OP_MEANS, _OP_GAUSS):
+    declare_closed_form(_op)
 
 
 # ------------------------------------------------------------------------------------------ references
 def _class_sums_counts(x: Tensor, labels: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
     """(sums [K, D], counts [K]) in the accumulation dtype."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     labels = labels.to(torch.int64)
     sums = x.new_zeros((num_classes, x.shape[1]), dtype=acc).index_add_(0, labels, x.to(acc))
     counts = x.new_zeros((num_classes,), dtype=acc).index_add_(0, labels, torch.ones_like(labels, dtype=acc))
@@ -132,7 +130,7 @@ def gaussian_class_mmd_reference(real: Tensor, real_labels: Tensor, syn: Tensor,
     With one-hot weights ``w_r[i, c] = [c_i = c] / n_r[c]``:
     ``loss = sum(w_r * (K_rr w_r)) + sum(w_s * (K_ss w_s)) - 2 sum(w_r * (K_rs w_s))``.
     """
-    acc = _acc_dtype(real.dtype)
+    acc = acc_dtype(real.dtype)
     r, s = real.to(acc), syn.to(acc)
     _, nr = _class_sums_counts(real[:, :0], real_labels, num_classes)
     _, ns = _class_sums_counts(syn[:, :0], syn_labels, num_classes)
@@ -146,7 +144,7 @@ def gaussian_class_mmd_reference(real: Tensor, real_labels: Tensor, syn: Tensor,
 
 def _gaussian_grad_torch(grad, real, real_labels, syn, syn_labels, num_classes, bandwidths, need_real, need_syn):
     """Dense plain-torch gradient of the Gaussian class MMD (closed form, no autograd)."""
-    acc = _acc_dtype(real.dtype)
+    acc = acc_dtype(real.dtype)
     r, s = real.to(acc), syn.to(acc)
     g = grad.to(acc)
     lr, ls = real_labels.to(torch.int64), syn_labels.to(torch.int64)
@@ -184,22 +182,20 @@ def _native():
     return torch.ops.fastdd_C
 
 
-def _linear_fwd_impl(backend, real, real_labels, syn, syn_labels, num_classes):
-    if backend in ("cpp", "cuda"):
-        return tuple(_native().class_mmd_fwd(real, real_labels, syn, syn_labels, num_classes))
-    if backend == "triton":
-        return _triton().class_mmd_forward(real, real_labels, syn, syn_labels, num_classes)
+def _linear_fwd_native(real, real_labels, syn, syn_labels, num_classes):
+    return tuple(_native().class_mmd_fwd(real, real_labels, syn, syn_labels, num_classes))
+
+
+def _linear_fwd_closed_form(real, real_labels, syn, syn_labels, num_classes):
     diff, inv_nr, inv_ns = _linear_parts(real, real_labels, syn, syn_labels, num_classes)
     return diff.square().sum().to(real.dtype), diff, inv_nr, inv_ns
 
 
-def _linear_bwd_impl(backend, grad, diff, inv_nr, inv_ns, real_labels, syn_labels, need_real, need_syn, dtype):
-    if backend in ("cpp", "cuda"):
-        return tuple(_native().class_mmd_bwd(grad, diff, inv_nr, inv_ns, real_labels, syn_labels,
-                                             need_real, need_syn, dtype))
-    if backend == "triton":
-        return _triton().class_mmd_backward(grad, diff, inv_nr, inv_ns, real_labels, syn_labels,
-                                            need_real, need_syn, dtype)
+def _linear_bwd_native(*args):
+    return tuple(_native().class_mmd_bwd(*args))
+
+
+def _linear_bwd_closed_form(grad, diff, inv_nr, inv_ns, real_labels, syn_labels, need_real, need_syn, dtype):
     g2 = 2.0 * grad.to(diff.dtype)
     D = diff.shape[1]
     gr = ((diff * (g2 * inv_nr).unsqueeze(1)).index_select(0, real_labels.to(torch.int64)).to(dtype)
@@ -209,19 +205,49 @@ def _linear_bwd_impl(backend, grad, diff, inv_nr, inv_ns, real_labels, syn_label
     return gr, gs
 
 
+def _means_native(x, labels, num_classes):
+    _, counts = _class_sums_counts(x[:, :0], labels, num_classes)
+    return _native().class_means(x, labels, num_classes), _inverse(counts)
+
+
+def _means_closed_form(x, labels, num_classes):
+    sums, counts = _class_sums_counts(x, labels, num_classes)
+    inv = _inverse(counts)
+    return (sums * inv.unsqueeze(1)).to(x.dtype), inv
+
+
+def _gauss_bwd_native(*args):
+    return tuple(_native().gaussian_class_mmd_bwd(*args))
+
+
+_LINEAR_FWD = {"cpp": _linear_fwd_native, "cuda": _linear_fwd_native, "closed_form": _linear_fwd_closed_form,
+               "triton": lambda *args: _triton().class_mmd_forward(*args)}
+_LINEAR_BWD = {"cpp": _linear_bwd_native, "cuda": _linear_bwd_native, "closed_form": _linear_bwd_closed_form,
+               "triton": lambda *args: _triton().class_mmd_backward(*args)}
+_MEANS = {"cpp": _means_native, "cuda": _means_native, "closed_form": _means_closed_form,
+          "triton": lambda *args: tuple(_triton().class_means(*args))}
+_GAUSS_FWD = {"cpp": lambda *args: _native().gaussian_class_mmd_fwd(*args),
+              "cuda": lambda *args: _native().gaussian_class_mmd_fwd(*args),
+              "closed_form": lambda *args: gaussian_class_mmd_reference(*args),
+              "triton": lambda *args: _triton().gaussian_class_mmd_forward(*args)}
+_GAUSS_BWD = {"cpp": _gauss_bwd_native, "cuda": _gauss_bwd_native,
+              "closed_form": lambda *args: _gaussian_grad_torch(*args),
+              "triton": lambda *args: _triton().gaussian_class_mmd_backward(*args)}
+
+
 # ------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("fastdd::class_mmd", mutates_args=())
 def _class_mmd_op(real: Tensor, real_labels: Tensor, syn: Tensor, syn_labels: Tensor, num_classes: int,
-                  backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss [] real.dtype, diff [K, D] acc, inv_nr [K] acc, inv_ns [K] acc)."""
-    chosen = select_backend(_OP_LINEAR, real.device, backend)
-    loss, diff, inv_nr, inv_ns = _linear_fwd_impl(chosen, real, real_labels, syn, syn_labels, num_classes)
+    loss, diff, inv_nr, inv_ns = dispatch(_LINEAR_FWD, backend, "class_mmd")(real, real_labels, syn, syn_labels,
+                                                                             num_classes)
     return loss, diff, inv_nr, inv_ns
 
 
 @_class_mmd_op.register_fake
 def _(real, real_labels, syn, syn_labels, num_classes, backend):
-    acc = _acc_dtype(real.dtype)
+    acc = acc_dtype(real.dtype)
     return (real.new_empty(()), real.new_empty((num_classes, real.shape[1]), dtype=acc),
             real.new_empty((num_classes,), dtype=acc), real.new_empty((num_classes,), dtype=acc))
 
@@ -229,11 +255,10 @@ def _(real, real_labels, syn, syn_labels, num_classes, backend):
 @torch.library.custom_op("fastdd::class_mmd_backward", mutates_args=())
 def _class_mmd_backward_op(grad: Tensor, diff: Tensor, inv_nr: Tensor, inv_ns: Tensor, real_labels: Tensor,
                            syn_labels: Tensor, need_real: bool, need_syn: bool, dtype: torch.dtype,
-                           backend: Optional[str]) -> Tuple[Tensor, Tensor]:
+                           backend: str) -> Tuple[Tensor, Tensor]:
     """(grad_real [Nr, D] or [0, D], grad_syn [Ns, D] or [0, D]) in ``dtype``."""
-    chosen = select_backend(_OP_LINEAR, diff.device, backend)
-    gr, gs = _linear_bwd_impl(chosen, grad, diff, inv_nr, inv_ns, real_labels, syn_labels, need_real, need_syn,
-                              dtype)
+    gr, gs = dispatch(_LINEAR_BWD, backend, "class_mmd_backward")(grad, diff, inv_nr, inv_ns, real_labels,
+                                                                  syn_labels, need_real, need_syn, dtype)
     return gr, gs
 
 
@@ -265,24 +290,15 @@ _class_mmd_op.register_autograd(_class_mmd_backward, setup_context=_class_mmd_se
 
 
 @torch.library.custom_op("fastdd::class_means", mutates_args=())
-def _class_means_op(x: Tensor, labels: Tensor, num_classes: int, backend: Optional[str]) -> Tuple[Tensor, Tensor]:
+def _class_means_op(x: Tensor, labels: Tensor, num_classes: int, backend: str) -> Tuple[Tensor, Tensor]:
     """(means [K, D] in x.dtype, inv_counts [K] acc dtype)."""
-    chosen = select_backend(_OP_MEANS, x.device, backend)
-    if chosen in ("cpp", "cuda"):
-        means = _native().class_means(x, labels, num_classes)
-        _, counts = _class_sums_counts(x[:, :0], labels, num_classes)
-        return means, _inverse(counts)
-    if chosen == "triton":
-        means, inv = _triton().class_means(x, labels, num_classes)
-        return means, inv
-    sums, counts = _class_sums_counts(x, labels, num_classes)
-    inv = _inverse(counts)
-    return (sums * inv.unsqueeze(1)).to(x.dtype), inv
+    means, inv = dispatch(_MEANS, backend, "class_means")(x, labels, num_classes)
+    return means, inv
 
 
 @_class_means_op.register_fake
 def _(x, labels, num_classes, backend):
-    return x.new_empty((num_classes, x.shape[1])), x.new_empty((num_classes,), dtype=_acc_dtype(x.dtype))
+    return x.new_empty((num_classes, x.shape[1])), x.new_empty((num_classes,), dtype=acc_dtype(x.dtype))
 
 
 def _class_means_setup(ctx, inputs, output):
@@ -304,14 +320,10 @@ _class_means_op.register_autograd(_class_means_backward, setup_context=_class_me
 
 @torch.library.custom_op("fastdd::gaussian_class_mmd", mutates_args=())
 def _gaussian_op(real: Tensor, real_labels: Tensor, syn: Tensor, syn_labels: Tensor, num_classes: int,
-                 bandwidths: List[float], backend: Optional[str]) -> Tensor:
+                 bandwidths: List[float], backend: str) -> Tensor:
     """Gaussian per-class MMD^2 summed over classes, [] in real.dtype."""
-    chosen = select_backend(_OP_GAUSS, real.device, backend)
-    if chosen in ("cpp", "cuda"):
-        return _native().gaussian_class_mmd_fwd(real, real_labels, syn, syn_labels, num_classes, bandwidths)
-    if chosen == "triton":
-        return _triton().gaussian_class_mmd_forward(real, real_labels, syn, syn_labels, num_classes, bandwidths)
-    return gaussian_class_mmd_reference(real, real_labels, syn, syn_labels, num_classes, bandwidths)
+    return dispatch(_GAUSS_FWD, backend, "gaussian_class_mmd")(real, real_labels, syn, syn_labels, num_classes,
+                                                               bandwidths)
 
 
 @_gaussian_op.register_fake
@@ -322,17 +334,11 @@ def _(real, real_labels, syn, syn_labels, num_classes, bandwidths, backend):
 @torch.library.custom_op("fastdd::gaussian_class_mmd_backward", mutates_args=())
 def _gaussian_backward_op(grad: Tensor, real: Tensor, real_labels: Tensor, syn: Tensor, syn_labels: Tensor,
                           num_classes: int, bandwidths: List[float], need_real: bool, need_syn: bool,
-                          backend: Optional[str]) -> Tuple[Tensor, Tensor]:
+                          backend: str) -> Tuple[Tensor, Tensor]:
     """(grad_real [Nr, D] or [0, D], grad_syn [Ns, D] or [0, D]) in the input dtype."""
-    chosen = select_backend(_OP_GAUSS, real.device, backend)
-    if chosen in ("cpp", "cuda"):
-        return tuple(_native().gaussian_class_mmd_bwd(grad, real, real_labels, syn, syn_labels, num_classes,
-                                                      bandwidths, need_real, need_syn))
-    if chosen == "triton":
-        return _triton().gaussian_class_mmd_backward(grad, real, real_labels, syn, syn_labels, num_classes,
-                                                     bandwidths, need_real, need_syn)
-    return _gaussian_grad_torch(grad, real, real_labels, syn, syn_labels, num_classes, bandwidths,
-                                need_real, need_syn)
+    gr, gs = dispatch(_GAUSS_BWD, backend, "gaussian_class_mmd_backward")(
+        grad, real, real_labels, syn, syn_labels, num_classes, bandwidths, need_real, need_syn)
+    return gr, gs
 
 
 @_gaussian_backward_op.register_fake
@@ -362,15 +368,6 @@ _gaussian_op.register_autograd(_gaussian_backward, setup_context=_gaussian_setup
 # ------------------------------------------------------------------------------------------- validation
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def _check_features(name: str, x, device=None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-d tensor [N, D], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: dtype {x.dtype} not supported, expected one of {_FLOAT_DTYPES}")
 
 
 def _check_labels_static(name: str, labels, n: int, device, num_classes: int) -> None:
@@ -415,8 +412,8 @@ def validate_class_mmd_inputs(real, real_labels, syn, syn_labels, num_classes, *
     With ``check_values`` (skipped while compiling; needs a host sync): label range, and every class
     present on both sides or on neither. ``check_finite`` also rejects NaN/Inf features.
     """
-    _check_features("real", real)
-    _check_features("syn", syn)
+    check_features("real", real)
+    check_features("syn", syn)
     if syn.shape[1] != real.shape[1]:
         raise ValueError(f"syn: feature dimension {syn.shape[1]} does not match real's {real.shape[1]}")
     if syn.device != real.device:
@@ -447,11 +444,6 @@ def validate_class_mmd_inputs(real, real_labels, syn, syn_labels, num_classes, *
                 raise ValueError(f"{name}: contains NaN or Inf")
 
 
-def _check_backend_name(backend) -> None:
-    if backend is not None and backend not in ("auto", "triton", "cuda", "cpp", "torch"):
-        raise ValueError(f"backend: expected None, 'auto', 'triton', 'cuda', 'cpp' or 'torch', got {backend!r}")
-
-
 # --------------------------------------------------------------------------------------------- public
 def class_mmd(real: Tensor, real_labels: Tensor, syn: Tensor, syn_labels: Tensor, num_classes: int, *,
               backend: Optional[str] = None, validate: bool = True, check_finite: bool = False) -> Tensor:
@@ -460,10 +452,13 @@ def class_mmd(real: Tensor, real_labels: Tensor, syn: Tensor, syn_labels: Tensor
     real [Nr, D], syn [Ns, D] (same dtype and device), labels int64/int32 [Nr] / [Ns] in [0, num_classes).
     Differentiable w.r.t. ``real`` and ``syn``; ``backend`` forces one implementation (see module doc).
     """
-    _check_backend_name(backend)
+    check_backend_name(backend)
     validate_class_mmd_inputs(real, real_labels, syn, syn_labels, num_classes, check_values=validate,
                               check_finite=check_finite)
-    return torch.ops.fastdd.class_mmd(real, real_labels, syn, syn_labels, num_classes, backend)[0]
+    name = resolve_backend(_OP_LINEAR, real.device.type, backend)
+    if name == "torch":
+        return class_mmd_reference(real, real_labels, syn, syn_labels, num_classes)
+    return torch.ops.fastdd.class_mmd(real, real_labels, syn, syn_labels, num_classes, name)[0]
 
 
 def class_means(x: Tensor, labels: Tensor, num_classes: int, *, backend: Optional[str] = None,
@@ -471,13 +466,16 @@ def class_means(x: Tensor, labels: Tensor, num_classes: int, *, backend: Optiona
     """Segmented mean ``out[c] = mean(x[labels == c])`` for all classes at once: [K, D] in ``x.dtype``
     (zeros for a class without rows); x [N, D], labels int64/int32 [N] in [0, num_classes).
     Differentiable w.r.t. ``x``."""
-    _check_backend_name(backend)
-    _check_features("x", x)
+    check_backend_name(backend)
+    check_features("x", x)
     _check_num_classes(num_classes)
     _check_labels_static("labels", labels, x.shape[0], x.device, num_classes)
     if validate and not _compiling():
         _check_label_values("labels", labels, num_classes)
-    return torch.ops.fastdd.class_means(x, labels, num_classes, backend)[0]
+    name = resolve_backend(_OP_MEANS, x.device.type, backend)
+    if name == "torch":
+        return class_means_reference(x, labels, num_classes)
+    return torch.ops.fastdd.class_means(x, labels, num_classes, name)[0]
 
 
 def gaussian_class_mmd(real: Tensor, real_labels: Tensor, syn: Tensor, syn_labels: Tensor, num_classes: int,
@@ -489,8 +487,11 @@ def gaussian_class_mmd(real: Tensor, real_labels: Tensor, syn: Tensor, syn_label
     sequence); per class the biased V-statistic ``mean k(r, r') + mean k(s, s') - 2 mean k(r, s)``
     (diagonal included). Fused backends tile same-class pairs and never store an [Nr, Ns] matrix.
     """
-    _check_backend_name(backend)
+    check_backend_name(backend)
     bws = _check_bandwidths(bandwidths)
     validate_class_mmd_inputs(real, real_labels, syn, syn_labels, num_classes, check_values=validate,
                               check_finite=check_finite)
-    return torch.ops.fastdd.gaussian_class_mmd(real, real_labels, syn, syn_labels, num_classes, bws, backend)
+    name = resolve_backend(_OP_GAUSS, real.device.type, backend)
+    if name == "torch":
+        return gaussian_class_mmd_reference(real, real_labels, syn, syn_labels, num_classes, bws)
+    return torch.ops.fastdd.gaussian_class_mmd(real, real_labels, syn, syn_labels, num_classes, bws, name)

@@ -38,33 +38,29 @@ gradient of these statistics with respect to x has the closed form
 with per-row coefficients built from the upstream gradient (the loss gradient) and the saved row
 moments, so the backward is one elementwise pass (read x or the class map A, write dx). Backends
 (:mod:`fastdd.ops._backend`): ``cpp`` (``csrc/feature_moments/feature_moments_cpu.cpp``, OpenMP; inner
-loops in ``feature_moments_cpu_kernels.h`` built for the default ISA and for AVX2+FMA, picked at run time,
-``FASTDD_CPU_ISA=generic`` forces the former),
+loops in ``feature_moments_cpu_kernels.h`` built once per SIMD path, ``FASTDD_SIMD`` forces one; results are
+bit-identical on every path and thread count),
 ``cuda`` (``csrc/feature_moments/feature_moments_cuda.cu``), ``triton`` (``kernels/feature_moments.py``),
 ``torch`` (the ``*_reference`` functions below, differentiated by autograd). The Gram matrices are a GEMM
 (SYRK) problem: ``triton`` has a class-batched SYRK kernel and its backward GEMM kernel; ``cpp``, ``cuda``
 and ``torch`` use ATen's BLAS/cuBLAS batched matmul, which a hand-written kernel would not beat.
 
-Registration: ``fastdd::feature_moments`` / ``fastdd::feature_moments_backward`` are
-``torch.library.custom_op``s over the native kernels (with ``register_fake`` and ``register_autograd``);
-``fastdd::feature_moments_triton`` / ``..._backward_triton`` and ``fastdd::class_gram_triton`` /
-``..._backward_triton`` are ``triton_op``s (registered the first time the Triton backend is chosen), so
-``torch.compile(fullgraph=True)`` sees no graph break. The backend is resolved once per call site at trace
-time; changing ``FASTDD_BACKEND`` afterwards does not retrace.
+Registration follows the op-layer rule (``fastdd/ops/README.md``): the backend is resolved in Python by
+:func:`fastdd.ops._backend.resolve_backend` (once per call site at trace time under ``torch.compile``;
+changing ``FASTDD_BACKEND`` afterwards does not retrace); ``torch`` calls the reference; ``cpp``, ``cuda``
+and ``triton`` run inside the custom ops ``fastdd::feature_moments`` / ``fastdd::feature_moments_backward``
+and (Triton only) ``fastdd::class_gram`` / ``fastdd::class_gram_backward``, with ``register_fake`` and
+``register_autograd``, so ``torch.compile(fullgraph=True)`` sees no graph break.
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
-import os
-import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ..validation import check_tensor
-from ._backend import select_backend
+from ._backend import resolve_backend, triton_kernels
+from ._common import FLOAT_DTYPES, check_backend_name, dispatch
 
 __all__ = [
     "MODES",
@@ -86,7 +82,6 @@ __all__ = [
 MODES = ("batchavg", "persample")
 _OP = "feature_moments"  # backend key: the native kernel torch.ops.fastdd_C.feature_moments
 _REL_EPS = 1e-8
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -218,7 +213,7 @@ def validate_maps(name: str, maps, *, device=None, dtype=None) -> List[torch.Ten
     out = []
     for i, x in enumerate(maps):
         label = name if single else f"{name}[{i}]"
-        check_tensor(label, x, ndim=4, dtypes=_FLOAT_DTYPES, nonempty=True)
+        check_tensor(label, x, ndim=4, dtypes=FLOAT_DTYPES, nonempty=True)
         if device is None:
             device = x.device
         elif x.device != torch.device(device):
@@ -306,32 +301,12 @@ class _NativeKernels:
                                                                      degree, out_dtype)
 
 
-def _load_triton_module():
-    """``fastdd.kernels.feature_moments`` (installed) or ``<repo>/kernels/feature_moments.py`` (source tree)."""
-    try:
-        return importlib.import_module("fastdd.kernels.feature_moments")
-    except ImportError:
-        pass
-    name = "fastdd_kernels_feature_moments"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "kernels", "feature_moments.py")
-    if not os.path.exists(path):
-        raise ImportError(f"fastdd: Triton kernels for feature_moments not found (looked for {path})")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 class _TritonKernels:
-    """The Triton launchers, launched through ``wrap_triton`` so the enclosing triton_op is traceable."""
+    """The Triton launchers (``kernels/feature_moments.py``), launched directly inside the custom ops."""
 
     def __init__(self, module):
         self.m = module
-        self.wrap = torch.library.wrap_triton
+        self.wrap = _launch_directly
 
     def rows(self, x2d, order):
         out = torch.empty((x2d.shape[0], 4), dtype=_stat_dtype(x2d.dtype), device=x2d.device)
@@ -356,6 +331,19 @@ class _TritonKernels:
         K, C, P = amap.shape
         row_index = (lab.unsqueeze(1) * C + torch.arange(C, device=amap.device)).reshape(-1)
         return self.poly(amap.view(K * C, P), row_index, center, coef, degree, out_dtype).view(-1, C, P)
+
+
+def _launch_directly(kernel):
+    return kernel
+
+
+_KERNELS = {"cpp": lambda: _NativeKernels, "cuda": lambda: _NativeKernels,
+            "triton": lambda: _TritonKernels(triton_kernels("feature_moments"))}
+
+
+def _kernels(backend: str):
+    """The kernel set (native or Triton) of a resolved backend name."""
+    return dispatch(_KERNELS, backend, "feature_moments")()
 
 
 # ============================================================================================ op bodies
@@ -499,136 +487,123 @@ def _fake_forward(x, labels, num_classes, mode, higher, eps, save_map):
 _SCHEMA_OUT = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-# ---------------------------------------------------------------------------------- native custom ops
+# ------------------------------------------------------------------------------------------ custom ops
 @torch.library.custom_op("fastdd::feature_moments", mutates_args=())
-def _fm_native(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mode: str, higher: bool, eps: float,
-               save_map: bool) -> _SCHEMA_OUT:
-    """Native (C++ on CPU, CUDA on GPU) forward; see :func:`_forward_body` for the outputs."""
-    return _forward_body(_NativeKernels, x, labels, num_classes, mode, higher, eps, save_map)
+def _fm_op(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mode: str, higher: bool, eps: float,
+           save_map: bool, backend: str) -> _SCHEMA_OUT:
+    """Forward on the resolved ``backend`` (cpp, cuda or triton); see :func:`_forward_body` for the outputs."""
+    return _forward_body(_kernels(backend), x, labels, num_classes, mode, higher, eps, save_map)
 
 
-@_fm_native.register_fake
-def _(x, labels, num_classes, mode, higher, eps, save_map):
+@_fm_op.register_fake
+def _(x, labels, num_classes, mode, higher, eps, save_map, backend):
     return _fake_forward(x, labels, num_classes, mode, higher, eps, save_map)
 
 
 @torch.library.custom_op("fastdd::feature_moments_backward", mutates_args=())
-def _fm_native_bwd(g_mean: Optional[torch.Tensor], g_second: Optional[torch.Tensor],
-                   g_skew: Optional[torch.Tensor], g_kurt: Optional[torch.Tensor], x: torch.Tensor,
-                   labels: torch.Tensor, mean: torch.Tensor, rowstats: torch.Tensor, amap: torch.Tensor,
-                   num_classes: int, mode: str, higher: bool, eps: float) -> torch.Tensor:
-    """Native backward: dx [N, C, H, W] (x's dtype) in one elementwise pass."""
-    return _backward_body(_NativeKernels, g_mean, g_second, g_skew, g_kurt, x, labels, mean, rowstats, amap,
+def _fm_bwd_op(g_mean: Optional[torch.Tensor], g_second: Optional[torch.Tensor],
+               g_skew: Optional[torch.Tensor], g_kurt: Optional[torch.Tensor], x: torch.Tensor,
+               labels: torch.Tensor, mean: torch.Tensor, rowstats: torch.Tensor, amap: torch.Tensor,
+               num_classes: int, mode: str, higher: bool, eps: float, backend: str) -> torch.Tensor:
+    """Backward: dx [N, C, H, W] (x's dtype) in one elementwise pass."""
+    return _backward_body(_kernels(backend), g_mean, g_second, g_skew, g_kurt, x, labels, mean, rowstats, amap,
                           num_classes, mode, higher, eps)
 
 
-@_fm_native_bwd.register_fake
-def _(g_mean, g_second, g_skew, g_kurt, x, labels, mean, rowstats, amap, num_classes, mode, higher, eps):
+@_fm_bwd_op.register_fake
+def _(g_mean, g_second, g_skew, g_kurt, x, labels, mean, rowstats, amap, num_classes, mode, higher, eps, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x, labels, num_classes, mode, higher, eps, save_map = inputs
+    x, labels, num_classes, mode, higher, eps, save_map, backend = inputs
     mean, _second, _skew, _kurt, rowstats, amap = output
     ctx.save_for_backward(x, labels, mean, rowstats, amap)
-    ctx.args = (num_classes, mode, higher, eps)
+    ctx.args = (num_classes, mode, higher, eps, backend)
 
 
-def _make_backward(bwd_op):
-    def backward(ctx, g_mean, g_second, g_skew, g_kurt, _g_rowstats, _g_amap):
-        x, labels, mean, rowstats, amap = ctx.saved_tensors
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = bwd_op(g_mean, g_second, g_skew, g_kurt, x, labels, mean, rowstats, amap, *ctx.args)
-        return dx, None, None, None, None, None, None
-
-    return backward
+def _fm_backward(ctx, g_mean, g_second, g_skew, g_kurt, _g_rowstats, _g_amap):
+    x, labels, mean, rowstats, amap = ctx.saved_tensors
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = _fm_bwd_op(g_mean, g_second, g_skew, g_kurt, x, labels, mean, rowstats, amap, *ctx.args)
+    return dx, None, None, None, None, None, None, None
 
 
-_fm_native.register_autograd(_make_backward(_fm_native_bwd), setup_context=_setup_context)
+_fm_op.register_autograd(_fm_backward, setup_context=_setup_context)
 
 
-# ---------------------------------------------------------------------------------- Triton ops
-@functools.cache
-def _triton_ops():
-    """Register (once) and return the Triton ops: (moments fwd, moments bwd, gram fwd)."""
-    module = _load_triton_module()
-    kern = _TritonKernels(module)
-    wrap = torch.library.wrap_triton
+@torch.library.custom_op("fastdd::class_gram", mutates_args=())
+def _gram_op(x: torch.Tensor, labels: torch.Tensor, num_classes: int, backend: str) -> torch.Tensor:
+    """Mean Gram matrix per class [K, C, C] float32 from the Triton class-batched SYRK (``backend`` triton)."""
+    module = dispatch({"triton": lambda: triton_kernels("feature_moments")}, backend, "class_gram")()
+    N, C, H, W = x.shape
+    P = H * W
+    lab = labels.to(torch.int64)
+    counts = _class_counts(lab, num_classes)
+    idx, offsets = _group_by_class(lab, counts)
+    scale = 1.0 / (counts.to(torch.float32) * (C * P))
+    gram = torch.empty((num_classes, C, C), dtype=torch.float32, device=x.device)
+    module.launch_class_gram(x.contiguous().view(N, C, P), idx, offsets, scale, gram, wrap=_launch_directly)
+    return gram
 
-    @torch.library.triton_op("fastdd::feature_moments_triton", mutates_args=())
-    def fm_triton(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mode: str, higher: bool, eps: float,
-                  save_map: bool) -> _SCHEMA_OUT:
-        return _forward_body(kern, x, labels, num_classes, mode, higher, eps, save_map)
 
-    @torch.library.triton_op("fastdd::feature_moments_backward_triton", mutates_args=())
-    def fm_triton_bwd(g_mean: Optional[torch.Tensor], g_second: Optional[torch.Tensor],
-                      g_skew: Optional[torch.Tensor], g_kurt: Optional[torch.Tensor], x: torch.Tensor,
-                      labels: torch.Tensor, mean: torch.Tensor, rowstats: torch.Tensor, amap: torch.Tensor,
-                      num_classes: int, mode: str, higher: bool, eps: float) -> torch.Tensor:
-        return _backward_body(kern, g_mean, g_second, g_skew, g_kurt, x, labels, mean, rowstats, amap,
-                              num_classes, mode, higher, eps)
+@_gram_op.register_fake
+def _(x, labels, num_classes, backend):
+    return x.new_empty((num_classes, x.shape[1], x.shape[1]), dtype=torch.float32)
 
-    fm_triton.register_autograd(_make_backward(fm_triton_bwd), setup_context=_setup_context)
 
-    @torch.library.triton_op("fastdd::class_gram_triton", mutates_args=())
-    def gram_triton(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-        N, C, H, W = x.shape
-        P = H * W
-        lab = labels.to(torch.int64)
-        counts = _class_counts(lab, num_classes)
-        idx, offsets = _group_by_class(lab, counts)
-        scale = 1.0 / (counts.to(torch.float32) * (C * P))
-        gram = torch.empty((num_classes, C, C), dtype=torch.float32, device=x.device)
-        module.launch_class_gram(x.contiguous().view(N, C, P), idx, offsets, scale, gram, wrap=wrap)
-        return gram
+@torch.library.custom_op("fastdd::class_gram_backward", mutates_args=())
+def _gram_bwd_op(grad: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 backend: str) -> torch.Tensor:
+    """dx [N, C, H, W] of the class Gram matrices (the Triton GEMM kernel)."""
+    module = dispatch({"triton": lambda: triton_kernels("feature_moments")}, backend, "class_gram_backward")()
+    N, C, H, W = x.shape
+    P = H * W
+    lab = labels.to(torch.int64)
+    counts = _class_counts(lab, num_classes).to(torch.float32)
+    g = grad.to(torch.float32)
+    s = ((g + g.transpose(1, 2)) / (counts * (C * P)).view(-1, 1, 1)).contiguous()
+    dx = torch.empty((N, C, P), dtype=x.dtype, device=x.device)
+    module.launch_gram_backward(s, x.contiguous().view(N, C, P), lab, dx, wrap=_launch_directly)
+    return dx.view(N, C, H, W)
 
-    @torch.library.triton_op("fastdd::class_gram_backward_triton", mutates_args=())
-    def gram_triton_bwd(grad: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-        N, C, H, W = x.shape
-        P = H * W
-        lab = labels.to(torch.int64)
-        counts = _class_counts(lab, num_classes).to(torch.float32)
-        g = grad.to(torch.float32)
-        s = ((g + g.transpose(1, 2)) / (counts * (C * P)).view(-1, 1, 1)).contiguous()
-        dx = torch.empty((N, C, P), dtype=x.dtype, device=x.device)
-        module.launch_gram_backward(s, x.contiguous().view(N, C, P), lab, dx, wrap=wrap)
-        return dx.view(N, C, H, W)
 
-    def gram_setup(ctx, inputs, output):
-        x, labels, num_classes = inputs
-        ctx.save_for_backward(x, labels)
-        ctx.num_classes = num_classes
+@_gram_bwd_op.register_fake
+def _(grad, x, labels, num_classes, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    def gram_backward(ctx, grad):
-        x, labels = ctx.saved_tensors
-        dx = gram_triton_bwd(grad, x, labels, ctx.num_classes) if ctx.needs_input_grad[0] else None
-        return dx, None, None
 
-    gram_triton.register_autograd(gram_backward, setup_context=gram_setup)
-    return fm_triton, gram_triton
+def _gram_setup(ctx, inputs, output):
+    x, labels, num_classes, backend = inputs
+    ctx.save_for_backward(x, labels)
+    ctx.num_classes, ctx.backend = num_classes, backend
+
+
+def _gram_backward(ctx, grad):
+    x, labels = ctx.saved_tensors
+    dx = _gram_bwd_op(grad, x, labels, ctx.num_classes, ctx.backend) if ctx.needs_input_grad[0] else None
+    return dx, None, None, None
+
+
+_gram_op.register_autograd(_gram_backward, setup_context=_gram_setup)
 
 
 # ============================================================================================ dispatch
-@torch.compiler.assume_constant_result
-def _resolve_backend(device_type: str, backend: Optional[str]) -> str:
-    """select_backend for this op; registers the Triton ops when Triton is chosen (constant under compile)."""
-    name = select_backend(_OP, torch.device(device_type), backend)
-    if name == "triton":
-        _triton_ops()
-    return name
+def _resolve(device_type: str, backend: Optional[str]) -> str:
+    check_backend_name(backend)
+    return resolve_backend(_OP, device_type, backend)
 
 
 def _moments(x, labels, num_classes, mode, higher, eps, backend):
     """Dispatch the per-class moments of one map; returns (mean, std[, skew, kurt]) in the stat dtype."""
-    name = _resolve_backend(x.device.type, backend)
+    name = _resolve(x.device.type, backend)
     if name == "torch":
         out = class_moments_reference(x.to(_stat_dtype(x.dtype)) if x.dtype in (torch.float16, torch.bfloat16)
                                       else x, labels, num_classes, mode=mode, higher=higher, eps=eps)
         return out
     save_map = mode == "batchavg" and torch.is_grad_enabled() and x.requires_grad
-    op = _triton_ops()[0] if name == "triton" else _fm_native
-    out = op(x, labels, num_classes, mode, higher, float(eps), save_map)
+    out = _fm_op(x, labels, num_classes, mode, higher, float(eps), save_map, name)
     return tuple(out[:4]) if higher else tuple(out[:2])
 
 
@@ -682,7 +657,7 @@ def moment_loss(syn_maps, syn_labels: torch.Tensor, real_stats, num_classes: int
         if not isinstance(st, (list, tuple)) or len(st) != 2:
             raise ValueError(f"real_stats[{l}]: expected a (mean, std) pair")
         for j, t in enumerate(st):
-            check_tensor(f"real_stats[{l}][{j}]", t, shape=(num_classes, x.shape[1]), dtypes=_FLOAT_DTYPES,
+            check_tensor(f"real_stats[{l}][{j}]", t, shape=(num_classes, x.shape[1]), dtypes=FLOAT_DTYPES,
                          device=x.device)
     w = _layer_weights(layer_weights, len(maps))
     total = None
@@ -701,9 +676,9 @@ def moment_loss(syn_maps, syn_labels: torch.Tensor, real_stats, num_classes: int
 
 
 def _gram(x, labels, num_classes, backend):
-    name = _resolve_backend(x.device.type, backend)
+    name = _resolve(x.device.type, backend)
     if name == "triton" and x.dtype != torch.float64:
-        return _triton_ops()[1](x, labels, num_classes)
+        return _gram_op(x, labels, num_classes, name)
     # cpp / cuda / torch (and float64 on triton): the Gram is a GEMM; ATen's BLAS / cuBLAS bmm is the kernel.
     xs = x if x.dtype == _stat_dtype(x.dtype) else x.to(_stat_dtype(x.dtype))
     return class_gram_reference(xs, labels, num_classes)
@@ -731,7 +706,7 @@ def gram_loss(syn_maps, syn_labels: torch.Tensor, real_grams, num_classes: int, 
                           values=_dynamic_checks(validate))
     real_grams = _as_layers("real_grams", real_grams, len(maps), lambda v: isinstance(v, torch.Tensor))
     for l, (x, g) in enumerate(zip(maps, real_grams)):
-        check_tensor(f"real_grams[{l}]", g, shape=(num_classes, x.shape[1], x.shape[1]), dtypes=_FLOAT_DTYPES,
+        check_tensor(f"real_grams[{l}]", g, shape=(num_classes, x.shape[1], x.shape[1]), dtypes=FLOAT_DTYPES,
                      device=x.device)
     w = _layer_weights(layer_weights, len(maps))
     total = None
@@ -748,14 +723,13 @@ def bn_stats(x: torch.Tensor, *, backend: Optional[str] = None):
     x [N, C, H, W] -> (mean [C], var [C]), float32 (float64 for float64 x); differentiable (one-pass
     forward, one-pass closed-form backward)."""
     x = validate_maps("x", x)[0]
-    name = _resolve_backend(x.device.type, backend)
+    name = _resolve(x.device.type, backend)
     if name == "torch":
         xs = x if x.dtype == _stat_dtype(x.dtype) else x.to(_stat_dtype(x.dtype))
         var, mean = torch.var_mean(xs, dim=(0, 2, 3), correction=0)
         return mean, var
-    op = _triton_ops()[0] if name == "triton" else _fm_native
     labels = torch.zeros((0,), dtype=torch.int64, device=x.device)
-    out = op(x, labels, 1, "pooled", False, 0.0, False)
+    out = _fm_op(x, labels, 1, "pooled", False, 0.0, False, name)
     return out[0].view(-1), out[1].view(-1)
 
 
@@ -767,8 +741,8 @@ def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
     batch statistics over (N, H, W), biased variance. Multiply by the layer's multiplier outside."""
     x = validate_maps("x", x)[0]
     C = x.shape[1]
-    check_tensor("running_mean", running_mean, shape=(C,), dtypes=_FLOAT_DTYPES, device=x.device)
-    check_tensor("running_var", running_var, shape=(C,), dtypes=_FLOAT_DTYPES, device=x.device)
+    check_tensor("running_mean", running_mean, shape=(C,), dtypes=FLOAT_DTYPES, device=x.device)
+    check_tensor("running_var", running_var, shape=(C,), dtypes=FLOAT_DTYPES, device=x.device)
     mean, var = bn_stats(x, backend=backend)
     return torch.linalg.vector_norm(mean - running_mean.to(mean.dtype)) + torch.linalg.vector_norm(
         var - running_var.to(var.dtype))

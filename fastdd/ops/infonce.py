@@ -32,14 +32,17 @@ Gradients flow to ``syn`` and ``real``.
 
 Backends and algorithm
 ----------------------
-=======  ====================  ==========================================================================
-backend  device                implementation
-=======  ====================  ==========================================================================
-triton   CUDA (CPU interp.)    ``kernels/infonce.py`` (``fastdd.kernels.infonce`` or ``<repo>/kernels``)
-cuda     CUDA                  ``csrc/infonce/infonce_cuda.cu`` -> ``torch.ops.fastdd_C.infonce_*``
-cpp      CPU                   ``csrc/infonce/infonce_cpu.cpp`` (at::parallel_for, BLAS tiles)
-torch    anywhere              this file, row chunks of 1024 anchors against all real rows
-=======  ====================  ==========================================================================
+===========  ==================  ======================================================================
+backend      device              implementation
+===========  ==================  ======================================================================
+triton       CUDA (CPU interp.)  ``kernels/infonce.py`` (``fastdd.kernels.infonce`` or ``<repo>/kernels``)
+cuda         CUDA                ``csrc/infonce/infonce_cuda.cu`` -> ``torch.ops.fastdd_C.infonce_*``
+cpp          CPU                 ``csrc/infonce/infonce_cpu.cpp`` (at::parallel_for, deterministic
+                                 similarity tiles, one copy per SIMD path)
+closed_form  anywhere            this file, row chunks of 1024 anchors against all real rows, with the
+                                 hand-derived backward
+torch        anywhere            :func:`infonce_loss_reference` (dense [Ns, Nr]) differentiated by autograd
+===========  ==================  ======================================================================
 
 Flash-attention pattern: the forward visits [BM, BN] tiles of S (recomputed from the rows, never stored),
 keeps per anchor an online max / sum of exponentials (supcon) or the softplus sums (nce) and writes one
@@ -53,9 +56,10 @@ The per-anchor weights (v, w / u), log c and the inverse row norms are computed 
 plain torch (O(Ns log Nr) with a sorted copy of the real labels; no class count needed) and saved; the
 kernels receive the row scales ``1 / norm`` and return gradients w.r.t. the scaled rows ``z``; the
 normalisation's backward ``dx = (dz - z (z . dz)) / ||x||`` is an O((Ns + Nr) D) epilogue in the same custom op.
-Custom ops: ``fastdd::infonce`` / ``fastdd::infonce_backward`` (``register_fake``,
-``register_autograd``; backend chosen at run time by :func:`fastdd.ops._backend.select_backend`,
-``FASTDD_BACKEND`` respected).
+Registration follows the op-layer rule (``fastdd/ops/README.md``): the backend is resolved in Python
+(:func:`fastdd.ops._backend.resolve_backend`, ``FASTDD_BACKEND`` respected); ``torch`` calls the
+reference, every other backend runs inside the custom ops ``fastdd::infonce`` / ``fastdd::infonce_backward``
+(``register_fake``, ``register_autograd``).
 """
 from __future__ import annotations
 
@@ -65,7 +69,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastdd.ops._backend import BackendUnavailableError, select_backend, triton_kernels
+from fastdd.ops._backend import BackendUnavailableError, declare_closed_form, resolve_backend, triton_kernels
+from fastdd.ops._common import acc_dtype, check_backend_name, check_features, dispatch
 from fastdd.validation import check_row_labels
 
 __all__ = [
@@ -80,12 +85,8 @@ FORMS = ("supcon", "nce")
 NCE_NEGATIVES = ("sum", "mean")
 NORM_EPS = 1e-12
 _OP = "infonce_fwd"  # native kernel whose presence makes cpp / cuda available
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TORCH_CHUNK = 1024
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+declare_closed_form(_OP)
 
 
 def _softplus(x: Tensor) -> Tensor:
@@ -99,7 +100,7 @@ def infonce_loss_reference(syn: Tensor, syn_labels: Tensor, real: Tensor, real_l
                            nce_constant: Optional[float] = None, nce_negatives: str = "sum") -> Tensor:
     """Plain-torch spec of :func:`infonce_loss` with the dense [Ns, Nr] matrix (differentiable by
     autograd); 0-d tensor in ``syn.dtype``, computed in fp32 (fp64 for fp64 inputs)."""
-    acc = _acc_dtype(syn.dtype)
+    acc = acc_dtype(syn.dtype)
     zs, zr = syn.to(acc), real.to(acc)
     if normalize:
         zs = torch.nn.functional.normalize(zs, dim=1, eps=NORM_EPS)
@@ -234,43 +235,38 @@ def _triton():
     return triton_kernels("infonce")
 
 
-def _fwd_impl(backend, syn, syn_labels, real, real_labels, ss, rs, w, logc, tau, form):
-    if backend in ("cpp", "cuda"):
-        return tuple(torch.ops.fastdd_C.infonce_fwd(syn, syn_labels, real, real_labels, ss, rs, w, logc, tau, form))
-    if backend == "triton":
-        return _triton().infonce_forward(syn, syn_labels, real, real_labels, ss, rs, w, logc, tau, form)
-    return _torch_fwd(syn, syn_labels, real, real_labels, ss, rs, w, logc, tau, form)
+def _native_fwd(*args):
+    return tuple(torch.ops.fastdd_C.infonce_fwd(*args))
 
 
-def _bwd_impl(backend, syn, syn_labels, real, real_labels, ss, rs, w, logc, lse, tau, form, need_syn, need_real):
-    if backend in ("cpp", "cuda"):
-        return tuple(torch.ops.fastdd_C.infonce_bwd(syn, syn_labels, real, real_labels, ss, rs, w, logc, lse, tau,
-                                                    form, need_syn, need_real))
-    if backend == "triton":
-        return _triton().infonce_backward(syn, syn_labels, real, real_labels, ss, rs, w, logc, lse, tau, form,
-                                          need_syn, need_real)
-    return _torch_bwd(syn, syn_labels, real, real_labels, ss, rs, w, logc, lse, tau, form, need_syn, need_real)
+def _native_bwd(*args):
+    return tuple(torch.ops.fastdd_C.infonce_bwd(*args))
+
+
+_FWD = {"cpp": _native_fwd, "cuda": _native_fwd, "closed_form": _torch_fwd,
+        "triton": lambda *args: _triton().infonce_forward(*args)}
+_BWD = {"cpp": _native_bwd, "cuda": _native_bwd, "closed_form": _torch_bwd,
+        "triton": lambda *args: _triton().infonce_backward(*args)}
 
 
 # ------------------------------------------------------------------------------------------ custom ops
 @torch.library.custom_op("fastdd::infonce", mutates_args=())
 def _infonce_op(syn: Tensor, syn_labels: Tensor, real: Tensor, real_labels: Tensor, temperature: float,
                 form: str, normalize: bool, nce_constant: Optional[float], nce_negatives: str,
-                backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss [] syn.dtype, lse [Ns], weights [2, Ns], logc [Ns], syn_norm [Ns], real_norm [Nr]); all but
     the loss in the accumulation dtype."""
-    chosen = select_backend(_OP, syn.device, backend)
-    acc = _acc_dtype(syn.dtype)
+    acc = acc_dtype(syn.dtype)
     ns_, nr_ = _row_norms(syn, normalize, acc), _row_norms(real, normalize, acc)
     w, logc = _row_weights(syn_labels, real_labels, form, nce_constant, nce_negatives, acc)
-    row, lse = _fwd_impl(chosen, syn, syn_labels, real, real_labels, ns_.reciprocal(), nr_.reciprocal(), w, logc,
-                         float(temperature), _form_id(form))
+    row, lse = dispatch(_FWD, backend, "infonce")(syn, syn_labels, real, real_labels, ns_.reciprocal(),
+                                                  nr_.reciprocal(), w, logc, float(temperature), _form_id(form))
     return row.sum().to(syn.dtype), lse, w, logc, ns_, nr_
 
 
 @_infonce_op.register_fake
 def _(syn, syn_labels, real, real_labels, temperature, form, normalize, nce_constant, nce_negatives, backend):
-    acc = _acc_dtype(syn.dtype)
+    acc = acc_dtype(syn.dtype)
     ns, nr = syn.shape[0], real.shape[0]
     return (syn.new_empty(()), syn.new_empty((ns,), dtype=acc), syn.new_empty((2, ns), dtype=acc),
             syn.new_empty((ns,), dtype=acc), syn.new_empty((ns,), dtype=acc), syn.new_empty((nr,), dtype=acc))
@@ -280,12 +276,12 @@ def _(syn, syn_labels, real, real_labels, temperature, form, normalize, nce_cons
 def _infonce_backward_op(grad: Tensor, syn: Tensor, syn_labels: Tensor, real: Tensor, real_labels: Tensor,
                          syn_norm: Tensor, real_norm: Tensor, lse: Tensor, weights: Tensor, logc: Tensor,
                          temperature: float, form: str, normalize: bool, need_syn: bool, need_real: bool,
-                         backend: Optional[str]) -> Tuple[Tensor, Tensor]:
+                         backend: str) -> Tuple[Tensor, Tensor]:
     """(grad_syn [Ns, D] or [0, D], grad_real [Nr, D] or [0, D]) in the input dtypes."""
-    chosen = select_backend(_OP, syn.device, backend)
     w = weights * grad.to(weights.dtype)
-    dzs, dzr = _bwd_impl(chosen, syn, syn_labels, real, real_labels, syn_norm.reciprocal(), real_norm.reciprocal(),
-                         w, logc, lse, float(temperature), _form_id(form), need_syn, need_real)
+    dzs, dzr = dispatch(_BWD, backend, "infonce_backward")(
+        syn, syn_labels, real, real_labels, syn_norm.reciprocal(), real_norm.reciprocal(), w, logc, lse,
+        float(temperature), _form_id(form), need_syn, need_real)
     D = syn.shape[1]
     gs = _normalize_backward(dzs, syn, syn_norm, normalize) if need_syn else syn.new_empty((0, D))
     gr = _normalize_backward(dzr, real, real_norm, normalize) if need_real else real.new_empty((0, D))
@@ -321,17 +317,6 @@ _infonce_op.register_autograd(_infonce_backward, setup_context=_infonce_setup)
 
 
 # ------------------------------------------------------------------------------------------ validation
-def _check_features(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-d tensor [N, D], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: dtype {x.dtype} not supported, expected one of {_FLOAT_DTYPES}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name}: expected at least one row and one feature, got shape {tuple(x.shape)}")
-
-
 def _check_options(temperature, form, nce_constant, nce_negatives, backend) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature: expected a number, got {type(temperature).__name__}")
@@ -348,8 +333,7 @@ def _check_options(temperature, form, nce_constant, nce_negatives, backend) -> N
             raise ValueError(f"nce_constant: must be a positive finite number, got {nce_constant}")
     if nce_negatives not in NCE_NEGATIVES:
         raise ValueError(f"nce_negatives: expected one of {NCE_NEGATIVES}, got {nce_negatives!r}")
-    if backend is not None and backend not in ("auto", "triton", "cuda", "cpp", "torch"):
-        raise ValueError(f"backend: expected None, 'auto', 'triton', 'cuda', 'cpp' or 'torch', got {backend!r}")
+    check_backend_name(backend)
 
 
 def validate_infonce_inputs(syn, syn_labels, real, real_labels, *, num_classes: Optional[int] = None,
@@ -361,8 +345,8 @@ def validate_infonce_inputs(syn, syn_labels, real, real_labels, *, num_classes: 
     < ``num_classes`` when given) and every synthetic anchor has at least one real positive;
     ``check_finite`` also rejects NaN/Inf features.
     """
-    _check_features("syn", syn)
-    _check_features("real", real)
+    check_features("syn", syn, nonempty=True)
+    check_features("real", real, nonempty=True)
     if real.shape[1] != syn.shape[1]:
         raise ValueError(f"real: feature dimension {real.shape[1]} does not match syn's {syn.shape[1]}")
     if real.device != syn.device:
@@ -410,5 +394,9 @@ def infonce_loss(syn: Tensor, syn_labels: Tensor, real: Tensor, real_labels: Ten
     validate_infonce_inputs(syn, syn_labels, real, real_labels, num_classes=num_classes, check_values=validate,
                             check_finite=check_finite)
     c = None if nce_constant is None else float(nce_constant)
+    name = resolve_backend(_OP, syn.device.type, backend)
+    if name == "torch":
+        return infonce_loss_reference(syn, syn_labels, real, real_labels, temperature=float(temperature), form=form,
+                                      normalize=bool(normalize), nce_constant=c, nce_negatives=nce_negatives)
     return torch.ops.fastdd.infonce(syn, syn_labels, real, real_labels, float(temperature), form, bool(normalize),
-                                    c, nce_negatives, backend)[0]
+                                    c, nce_negatives, name)[0]

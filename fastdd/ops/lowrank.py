@@ -18,20 +18,22 @@ Contract
 
 Backends and registration
 -------------------------
-=======  ====================  ==========================================================================
-backend  device                implementation
-=======  ====================  ==========================================================================
-triton   CUDA (CPU interp.)    ``kernels/lowrank.py`` (``fastdd.kernels.lowrank`` or the source tree)
-cuda     CUDA                  ``csrc/lowrank/lowrank_cuda.cu`` -> ``torch.ops.fastdd_C.lowrank_*``
-cpp      CPU                   ``csrc/lowrank/lowrank_cpu.cpp`` (OpenMP) -> ``torch.ops.fastdd_C.lowrank_*``
-torch    anywhere              ``torch.matmul`` in this file (fp32/fp64 accumulation by upcasting)
-=======  ====================  ==========================================================================
+===========  ==================  =====================================================================
+backend      device              implementation
+===========  ==================  =====================================================================
+triton       CUDA (CPU interp.)  ``kernels/lowrank.py`` (``fastdd.kernels.lowrank`` or the source tree)
+cuda         CUDA                ``csrc/lowrank/lowrank_cuda.cu`` -> ``torch.ops.fastdd_C.lowrank_*``
+cpp          CPU                 ``csrc/lowrank/lowrank_cpu.cpp`` (OpenMP) -> ``torch.ops.fastdd_C.lowrank_*``
+closed_form  anywhere            ``torch.matmul`` forward with the hand-derived backward in this file
+torch        anywhere            :func:`lowrank_reconstruct_reference` differentiated by autograd
+===========  ==================  =====================================================================
 
-As for the per-class MMD op, each direction is one opaque ``torch.library.custom_op``
-(``fastdd::lowrank_reconstruct`` / ``fastdd::lowrank_reconstruct_backward``) with ``register_fake`` and
-``register_autograd``; the backend is chosen at run time by :func:`fastdd.ops._backend.select_backend`
-(``backend=None`` = automatic or ``FASTDD_BACKEND``). The backward op is not itself differentiable
-(first-order gradients only; every method of spec 1.4 differentiates the reconstruction once).
+Registration follows the op-layer rule (``fastdd/ops/README.md``): the backend is resolved in Python by
+:func:`fastdd.ops._backend.resolve_backend` (``backend=None`` = automatic or ``FASTDD_BACKEND``);
+``torch`` calls the reference, every other backend runs inside one ``torch.library.custom_op`` per
+direction (``fastdd::lowrank_reconstruct`` / ``fastdd::lowrank_reconstruct_backward``, with
+``register_fake`` and ``register_autograd``). The backward op is not itself differentiable (first-order
+gradients only; every method of spec 1.4 differentiates the reconstruction once).
 """
 from __future__ import annotations
 
@@ -40,7 +42,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastdd.ops._backend import BackendUnavailableError, select_backend, triton_kernels
+from fastdd.ops._backend import BackendUnavailableError, declare_closed_form, resolve_backend, triton_kernels
+from fastdd.ops._common import FLOAT_DTYPES, acc_dtype, check_backend_name, dispatch
+from fastdd.validation import check_tensor
 
 __all__ = [
     "lowrank_reconstruct",
@@ -54,24 +58,19 @@ __all__ = [
 ]
 
 _OP = "lowrank_fwd"  # native kernel whose presence makes cpp / cuda available
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ROUNDINGS = ("code", "readme")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
+declare_closed_form(_OP)
 
 # ------------------------------------------------------------------------------------------ reference
 def lowrank_reconstruct_reference(factor_a: Tensor, factor_b: Tensor) -> Tensor:
     """Plain-torch spec: ``X = A @ B`` per (n, c) plane, accumulated in fp32 (fp64 for fp64), returned in
     the input dtype; differentiable by autograd. A [N, C, H, r], B [N, C, r, W] -> X [N, C, H, W]."""
-    acc = _acc_dtype(factor_a.dtype)
+    acc = acc_dtype(factor_a.dtype)
     return torch.matmul(factor_a.to(acc), factor_b.to(acc)).to(factor_a.dtype)
 
 
 def _torch_backward(grad: Tensor, a: Tensor, b: Tensor, need_a: bool, need_b: bool) -> Tuple[Tensor, Tensor]:
-    acc = _acc_dtype(a.dtype)
+    acc = acc_dtype(a.dtype)
     g = grad.to(acc)
     ga = (g @ b.to(acc).transpose(-1, -2)).to(a.dtype) if need_a else a.new_empty((0,))
     gb = (a.to(acc).transpose(-1, -2) @ g).to(b.dtype) if need_b else b.new_empty((0,))
@@ -83,28 +82,25 @@ def _triton():
     return triton_kernels("lowrank")
 
 
-def _fwd_impl(backend: str, a: Tensor, b: Tensor) -> Tensor:
-    if backend in ("cpp", "cuda"):
-        return torch.ops.fastdd_C.lowrank_fwd(a, b)
-    if backend == "triton":
-        return _triton().lowrank_forward(a, b)
-    return lowrank_reconstruct_reference(a, b)
+def _native_fwd(a: Tensor, b: Tensor) -> Tensor:
+    return torch.ops.fastdd_C.lowrank_fwd(a, b)
 
 
-def _bwd_impl(backend: str, grad: Tensor, a: Tensor, b: Tensor, need_a: bool, need_b: bool):
-    if backend in ("cpp", "cuda"):
-        return tuple(torch.ops.fastdd_C.lowrank_bwd(grad, a, b, need_a, need_b))
-    if backend == "triton":
-        return _triton().lowrank_backward(grad, a, b, need_a, need_b)
-    return _torch_backward(grad, a, b, need_a, need_b)
+def _native_bwd(grad: Tensor, a: Tensor, b: Tensor, need_a: bool, need_b: bool):
+    return tuple(torch.ops.fastdd_C.lowrank_bwd(grad, a, b, need_a, need_b))
+
+
+_FWD = {"cpp": _native_fwd, "cuda": _native_fwd, "closed_form": lowrank_reconstruct_reference,
+        "triton": lambda a, b: _triton().lowrank_forward(a, b)}
+_BWD = {"cpp": _native_bwd, "cuda": _native_bwd, "closed_form": _torch_backward,
+        "triton": lambda *args: _triton().lowrank_backward(*args)}
 
 
 # ------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("fastdd::lowrank_reconstruct", mutates_args=())
-def _reconstruct_op(factor_a: Tensor, factor_b: Tensor, backend: Optional[str]) -> Tensor:
-    """X [N, C, H, W] = A [N, C, H, r] @ B [N, C, r, W] in A's dtype."""
-    chosen = select_backend(_OP, factor_a.device, backend)
-    return _fwd_impl(chosen, factor_a, factor_b)
+def _reconstruct_op(factor_a: Tensor, factor_b: Tensor, backend: str) -> Tensor:
+    """X [N, C, H, W] = A [N, C, H, r] @ B [N, C, r, W] in A's dtype (``backend`` already resolved)."""
+    return dispatch(_FWD, backend, "lowrank_reconstruct")(factor_a, factor_b)
 
 
 @_reconstruct_op.register_fake
@@ -115,10 +111,9 @@ def _(factor_a, factor_b, backend):
 
 @torch.library.custom_op("fastdd::lowrank_reconstruct_backward", mutates_args=())
 def _reconstruct_backward_op(grad: Tensor, factor_a: Tensor, factor_b: Tensor, need_a: bool, need_b: bool,
-                             backend: Optional[str]) -> Tuple[Tensor, Tensor]:
+                             backend: str) -> Tuple[Tensor, Tensor]:
     """(dA [N, C, H, r] or [0], dB [N, C, r, W] or [0]) from one read of grad [N, C, H, W]."""
-    chosen = select_backend(_OP, factor_a.device, backend)
-    ga, gb = _bwd_impl(chosen, grad, factor_a, factor_b, need_a, need_b)
+    ga, gb = dispatch(_BWD, backend, "lowrank_reconstruct_backward")(grad, factor_a, factor_b, need_a, need_b)
     return ga, gb
 
 
@@ -147,22 +142,12 @@ _reconstruct_op.register_autograd(_backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------------------------------- validation
-def _check_backend_name(backend) -> None:
-    if backend is not None and backend not in ("auto", "triton", "cuda", "cpp", "torch"):
-        raise ValueError(f"backend: expected None, 'auto', 'triton', 'cuda', 'cpp' or 'torch', got {backend!r}")
-
-
 def validate_factors(factor_a, factor_b, *, check_finite: bool = False) -> None:
     """Raise a ``TypeError`` / ``ValueError`` naming the bad argument: both 4-d floating tensors of one
     dtype and device, A [N, C, H, r] and B [N, C, r, W] with matching N, C and r >= 1. Static checks are
     compile-safe; ``check_finite`` (eager only, a host sync) also rejects NaN/Inf."""
     for name, t, layout in (("factor_a", factor_a, "[N, C, H, r]"), ("factor_b", factor_b, "[N, C, r, W]")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-d tensor {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name}: dtype {t.dtype} not supported, expected one of {_FLOAT_DTYPES}")
+        check_tensor(name, t, ndim=4, layout=layout, dtypes=FLOAT_DTYPES)
     if factor_b.dtype != factor_a.dtype:
         raise TypeError(f"factor_b: dtype {factor_b.dtype} does not match factor_a's {factor_a.dtype}")
     if factor_b.device != factor_a.device:
@@ -191,9 +176,12 @@ def lowrank_reconstruct(factor_a: Tensor, factor_b: Tensor, *, backend: Optional
     Differentiable w.r.t. both factors (fused backward: dA = dX B^T and dB = A^T dX from one read of
     dX). ``backend`` forces one implementation (see the module docstring).
     """
-    _check_backend_name(backend)
+    check_backend_name(backend)
     validate_factors(factor_a, factor_b, check_finite=check_finite)
-    return torch.ops.fastdd.lowrank_reconstruct(factor_a, factor_b, backend)
+    name = resolve_backend(_OP, factor_a.device.type, backend)
+    if name == "torch":
+        return lowrank_reconstruct_reference(factor_a, factor_b)
+    return torch.ops.fastdd.lowrank_reconstruct(factor_a, factor_b, name)
 
 
 def lowrank_project(images: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
@@ -211,8 +199,8 @@ def lowrank_project(images: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
         raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
     if images.dim() != 4:
         raise ValueError(f"images: expected a 4-d tensor [N, C, H, W], got shape {tuple(images.shape)}")
-    if images.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"images: dtype {images.dtype} not supported, expected one of {_FLOAT_DTYPES}")
+    if images.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"images: dtype {images.dtype} not supported, expected one of {FLOAT_DTYPES}")
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank: expected an int, got {type(rank).__name__}")
     h, w = images.shape[2], images.shape[3]
@@ -224,7 +212,7 @@ def lowrank_project(images: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
         raise ValueError(f"images: empty tensor of shape {tuple(images.shape)}")
     if not bool(torch.isfinite(images).all()):
         raise ValueError("images: contains NaN or Inf")
-    work = images.to(_acc_dtype(images.dtype))
+    work = images.to(acc_dtype(images.dtype))
     u, s, vh = torch.linalg.svd(work, full_matrices=False)
     root = s[..., :rank].sqrt()
     a = u[..., :rank] * root.unsqueeze(-2)

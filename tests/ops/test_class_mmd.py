@@ -20,7 +20,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from triton_interpreter import INTERPRETING_FROM_START, run_triton_cases_in_child, select_cpu_backend
+from triton_interpreter import (
+    CPU_BACKENDS,
+    INTERPRETING_FROM_START,
+    native_kernels,
+    run_triton_cases_in_child,
+    select_cpu_backend,
+    spy_resolved_backends,
+)
 
 from fastdd.matchers import MMDMatcher
 from fastdd.ops import _backend
@@ -29,20 +36,16 @@ from fastdd.ops._backend import BackendUnavailableError
 
 BANDWIDTHS = [1.5, 4.0]
 
-needs_cpp = pytest.mark.skipif(not _backend.native_has_op("class_mmd_fwd"),
-                               reason="fastdd._C not built with the class_mmd kernels")
+HAS_CPP, needs_cpp = native_kernels("class_mmd_fwd")
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
 
 
 @pytest.fixture
 def cpu_backend(request):
     """Parametrised backend name; 'triton' only runs when the interpreter was on from the start."""
-    return select_cpu_backend(request.param, _backend.native_has_op("class_mmd_fwd"), "class_mmd")
+    return select_cpu_backend(request.param, HAS_CPP, "class_mmd")
 
 
-CPU_BACKENDS = ["cpp", "torch", "triton"]
 
 
 def make_case(nr, ns, d, k, *, dtype=torch.float32, seed=0, device="cpu", sort=False, scale=1.0):
@@ -126,7 +129,7 @@ def test_matches_float64_reference(cpu_backend, kind, shape):
     check_against_reference(kind, cpu_backend, case, torch.float32, grad_scale=1.0 if d != 37 else 3.0)
 
 
-@pytest.mark.parametrize("cpu_backend", ["cpp", "torch"], indirect=True)
+@pytest.mark.parametrize("cpu_backend", ["cpp", "closed_form", "torch"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["linear", "gaussian"])
 def test_low_precision_inputs_cpu(cpu_backend, dtype, kind):
@@ -224,7 +227,7 @@ def test_triton_interpreter_subprocess():
 
 
 # ---------------------------------------------------------------------------------- gradcheck / opcheck
-@pytest.mark.parametrize("cpu_backend", ["cpp", "torch"], indirect=True)
+@pytest.mark.parametrize("cpu_backend", ["cpp", "closed_form", "torch"], indirect=True)
 def test_gradcheck_float64(cpu_backend):
     real, rl, syn, sl, k = make_case(7, 5, 3, 3, dtype=torch.float64)
     r, s = real.requires_grad_(True), syn.requires_grad_(True)
@@ -234,7 +237,7 @@ def test_gradcheck_float64(cpu_backend):
     assert torch.autograd.gradcheck(lambda a: ops.class_means(a, rl, k, backend=cpu_backend), (r,))
 
 
-@pytest.mark.parametrize("cpu_backend", ["cpp", "torch"], indirect=True)
+@pytest.mark.parametrize("cpu_backend", ["cpp", "closed_form"], indirect=True)
 def test_opcheck(cpu_backend):
     real, rl, syn, sl, k = make_case(9, 6, 5, 3)
     r, s = real.clone().requires_grad_(True), syn.clone().requires_grad_(True)
@@ -273,21 +276,9 @@ def test_compile_fullgraph_matches_eager(kernel):
 
 
 # ------------------------------------------------------------------------------------ backend choice
-def _spy(monkeypatch):
-    seen = []
-    original = ops._linear_fwd_impl
-
-    def spy(backend, *args):
-        seen.append(backend)
-        return original(backend, *args)
-
-    monkeypatch.setattr(ops, "_linear_fwd_impl", spy)
-    return seen
-
-
 def test_env_forces_backend(monkeypatch):
     real, rl, syn, sl, k = make_case(10, 5, 4, 2)
-    seen = _spy(monkeypatch)
+    seen = spy_resolved_backends(monkeypatch, "class_mmd_fwd")
     monkeypatch.setenv("FASTDD_BACKEND", "torch")
     ops.class_mmd(real, rl, syn, sl, k)
     assert seen == ["torch"]
@@ -319,13 +310,13 @@ def test_automatic_fallback_warns_once(monkeypatch):
     monkeypatch.setattr(_backend, "native_has_op", lambda op: False)
     monkeypatch.setattr(_backend, "_warned", set())
     real, rl, syn, sl, k = make_case(10, 5, 4, 2)
-    seen = _spy(monkeypatch)
-    with pytest.warns(RuntimeWarning, match="using 'torch'"):
+    seen = spy_resolved_backends(monkeypatch, "class_mmd_fwd")
+    with pytest.warns(RuntimeWarning, match="using 'closed_form'"):
         ops.class_mmd(real, rl, syn, sl, k)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops.class_mmd(real, rl, syn, sl, k)
-    assert seen == ["torch", "torch"]
+    assert seen == ["closed_form", "closed_form"]
 
 
 # ----------------------------------------------------------------------------------------- bad input

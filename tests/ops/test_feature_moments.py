@@ -180,13 +180,11 @@ def test_cpp_low_precision_inputs(dtype):
 
 
 @needs_cpp
-@pytest.mark.parametrize("isa", ["generic", "auto"])
+@pytest.mark.parametrize("isa", ["scalar", "auto"])
 def test_cpp_both_isas(monkeypatch, isa):
-    """The C++ inner loops exist for the default ISA and for AVX2+FMA (chosen at run time)."""
-    if isa == "generic":
-        monkeypatch.setenv("FASTDD_CPU_ISA", "generic")
-    else:
-        monkeypatch.delenv("FASTDD_CPU_ISA", raising=False)
+    """The C++ inner loops exist per SIMD path (FASTDD_SIMD; tests/ops/test_determinism.py checks that the
+    paths agree bit for bit)."""
+    monkeypatch.setenv("FASTDD_SIMD", isa)
     (x,), labels = make_maps(37, 3, [(6, 9, 7)], seed=21)  # > 32 samples per class: several flushes
     for mode in fm.MODES:
         ref = fm.class_moments_reference(x.double(), labels, 3, mode=mode, higher=True)
@@ -308,47 +306,45 @@ def test_gradcheck_gram_triton(cpu_backend):
     torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-6)
 
 
-def _opcheck_cases():
+def _opcheck_cases(backend):
     (x,), labels = make_maps(6, 2, [(3, 4, 5)])
     xnc = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     req = lambda t: t.clone().requires_grad_(True)  # noqa: E731
-    return [(req(x), labels, 2, "batchavg", True, 1e-5, True),
-            (req(xnc), labels, 2, "persample", True, 1e-5, False),
-            (req(xnc), labels, 2, "batchavg", False, 1e-5, True),
-            (req(x), labels.new_zeros(0), 1, "pooled", False, 0.0, False)]
+    return [(req(x), labels, 2, "batchavg", True, 1e-5, True, backend),
+            (req(xnc), labels, 2, "persample", True, 1e-5, False, backend),
+            (req(xnc), labels, 2, "batchavg", False, 1e-5, True, backend),
+            (req(x), labels.new_zeros(0), 1, "pooled", False, 0.0, False, backend)]
 
 
 @needs_cpp
 def test_opcheck_native():
-    for args in _opcheck_cases():
+    for args in _opcheck_cases("cpp"):
         torch.library.opcheck(torch.ops.fastdd.feature_moments.default, args)
     (x,), labels = make_maps(6, 2, [(3, 4, 5)])
-    out = torch.ops.fastdd.feature_moments(x, labels, 2, "persample", False, 1e-5, False)
+    out = torch.ops.fastdd.feature_moments(x, labels, 2, "persample", False, 1e-5, False, "cpp")
     g = torch.randn(2, 3)
     torch.library.opcheck(torch.ops.fastdd.feature_moments_backward.default,
-                          (g, g, None, None, x, labels, out[0], out[4], out[5], 2, "persample", False, 1e-5))
+                          (g, g, None, None, x, labels, out[0], out[4], out[5], 2, "persample", False, 1e-5, "cpp"))
 
 
 @pytest.mark.parametrize("cpu_backend", ["triton"], indirect=True)
 def test_opcheck_triton(cpu_backend):
     """Schema and autograd registration (the interpreter cannot run on fake tensors; the GPU test below
     runs the full opcheck)."""
-    fm._triton_ops()
-    for args in _opcheck_cases()[:2]:
-        torch.library.opcheck(torch.ops.fastdd.feature_moments_triton.default, args,
+    for args in _opcheck_cases("triton")[:2]:
+        torch.library.opcheck(torch.ops.fastdd.feature_moments.default, args,
                               test_utils=("test_schema", "test_autograd_registration"))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_opcheck_gpu():
-    for args in _opcheck_cases():
-        args = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-                     for a in args)
-        if _backend.backend_available("triton", "cuda", "feature_moments"):
-            fm._triton_ops()
-            torch.library.opcheck(torch.ops.fastdd.feature_moments_triton.default, args)
-        if _backend.backend_available("cuda", "cuda", "feature_moments"):
+    for backend in ("triton", "cuda"):
+        if not _backend.backend_available(backend, "cuda", "feature_moments"):
+            continue
+        for args in _opcheck_cases(backend):
+            args = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                         for a in args)
             torch.library.opcheck(torch.ops.fastdd.feature_moments.default, args)
 
 
@@ -408,11 +404,13 @@ def test_backend_forcing(monkeypatch):
         fm.class_moments(x, labels, 2, backend="cuda")
     monkeypatch.setenv("FASTDD_BACKEND", "cuda")
     with pytest.raises(BackendUnavailableError):
-        fm._resolve_backend("cpu", None)
+        _backend.resolve_backend("feature_moments", "cpu")
     monkeypatch.setenv("FASTDD_BACKEND", "torch")
-    assert fm._resolve_backend("cpu", None) == "torch"
+    assert _backend.resolve_backend("feature_moments", "cpu") == "torch"
     monkeypatch.delenv("FASTDD_BACKEND")
-    assert fm._resolve_backend("cpu", None) == ("cpp" if HAS_CPP else "torch")
+    assert _backend.resolve_backend("feature_moments", "cpu") == ("cpp" if HAS_CPP else "torch")
+    with pytest.raises(BackendUnavailableError, match="closed_form"):  # this op has no closed_form backend
+        fm.class_moments(x, labels, 2, backend="closed_form")
 
 
 def test_triton_interpreter_subprocess():
@@ -435,7 +433,7 @@ def test_triton_kernels_compile_for_gpu(monkeypatch, tmp_path):
     except ImportError:
         pytest.skip("this triton has no GPUTarget")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    k = fm._load_triton_module()
+    k = _backend.triton_kernels("feature_moments")
     target = GPUTarget("cuda", 90, 32)
     c = "constexpr"
     for dt in ("fp32", "bf16"):

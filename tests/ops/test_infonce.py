@@ -18,16 +18,21 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from triton_interpreter import INTERPRETING_FROM_START, run_triton_cases_in_child, select_cpu_backend
+from triton_interpreter import (
+    CPU_BACKENDS,
+    INTERPRETING_FROM_START,
+    native_kernels,
+    run_triton_cases_in_child,
+    select_cpu_backend,
+    spy_resolved_backends,
+)
 
 from fastdd.matchers import InfoNCEMatcher
 from fastdd.ops import _backend
 from fastdd.ops import infonce as ops
 from fastdd.ops._backend import BackendUnavailableError
 
-HAS_CPP = _backend.native_has_op("infonce_fwd")
-needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="fastdd._C not built with the infonce kernels")
-CPU_BACKENDS = ["cpp", "torch", "triton"]
+HAS_CPP, needs_cpp = native_kernels("infonce_fwd")
 
 # loss variants: (form, extra keyword arguments)
 VARIANTS = [
@@ -118,7 +123,7 @@ def test_multiple_tiles(cpu_backend, form):
     check(cpu_backend, make_case(ns, nr, 24, 5), torch.float32, form, {})
 
 
-@pytest.mark.parametrize("cpu_backend", ["cpp", "torch"], indirect=True)
+@pytest.mark.parametrize("cpu_backend", ["cpp", "closed_form", "torch"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("form", ["supcon", "nce"])
 def test_low_precision_inputs_cpu(cpu_backend, dtype, form):
@@ -146,7 +151,7 @@ def test_triton_interpreter_subprocess():
 
 
 # -------------------------------------------------------------------------------------- properties
-@pytest.mark.parametrize("cpu_backend", ["cpp", "torch"], indirect=True)
+@pytest.mark.parametrize("cpu_backend", ["cpp", "closed_form", "torch"], indirect=True)
 @pytest.mark.parametrize("form", ["supcon", "nce"])
 def test_anchors_without_positive_excluded(cpu_backend, form):
     """validate=False: anchors whose class has no real row get no gradient and leave the mean over the
@@ -253,7 +258,7 @@ def test_cpp_memory_linear_in_rows():
 
 
 # ---------------------------------------------------------------------------------- gradcheck / opcheck
-@pytest.mark.parametrize("cpu_backend", ["cpp", "torch"], indirect=True)
+@pytest.mark.parametrize("cpu_backend", ["cpp", "closed_form", "torch"], indirect=True)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_gradcheck_float64(cpu_backend, variant, normalize):
@@ -265,7 +270,7 @@ def test_gradcheck_float64(cpu_backend, variant, normalize):
         (s, r))
 
 
-@pytest.mark.parametrize("cpu_backend", ["cpp", "torch"], indirect=True)
+@pytest.mark.parametrize("cpu_backend", ["cpp", "closed_form"], indirect=True)
 @pytest.mark.parametrize("form", ["supcon", "nce"])
 def test_opcheck(cpu_backend, form):
     syn, sl, real, rl = make_case(7, 11, 5, 3)
@@ -311,14 +316,7 @@ def test_matcher_symmetric_is_mean_of_directions():
 # ------------------------------------------------------------------------------------ backend choice
 def test_env_forces_backend(monkeypatch):
     syn, sl, real, rl = make_case(6, 10, 4, 2)
-    seen = []
-    original = ops._fwd_impl
-
-    def spy(backend, *args):
-        seen.append(backend)
-        return original(backend, *args)
-
-    monkeypatch.setattr(ops, "_fwd_impl", spy)
+    seen = spy_resolved_backends(monkeypatch, "infonce_fwd")
     monkeypatch.setenv("FASTDD_BACKEND", "torch")
     ops.infonce_loss(syn, sl, real, rl)
     assert seen == ["torch"]

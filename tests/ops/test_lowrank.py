@@ -18,16 +18,22 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from triton_interpreter import INTERPRETING_FROM_START, run_triton_cases_in_child, select_cpu_backend
+from triton_interpreter import (
+    CPU_BACKENDS,
+    INTERPRETING_FROM_START,
+    OP_BACKENDS,
+    native_kernels,
+    run_triton_cases_in_child,
+    select_cpu_backend,
+    spy_resolved_backends,
+)
 
 from fastdd.matchers import LowRankImages
 from fastdd.ops import _backend
 from fastdd.ops import lowrank as ops
 from fastdd.ops._backend import BackendUnavailableError
 
-HAS_CPP = _backend.native_has_op("lowrank_fwd")
-needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="fastdd._C not built with the lowrank kernels")
-CPU_BACKENDS = ["cpp", "torch", "triton"]
+HAS_CPP, needs_cpp = native_kernels("lowrank_fwd")
 
 
 @pytest.fixture
@@ -107,7 +113,7 @@ def test_one_factor_frozen(cpu_backend, need):
     check_against_reference(cpu_backend, a, b, grad, torch.float32, need=need)
 
 
-@pytest.mark.parametrize("cpu_backend", ["cpp", "torch"], indirect=True)
+@pytest.mark.parametrize("cpu_backend", ["cpp", "closed_form", "torch"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_other_dtypes_cpu(cpu_backend, dtype):
     a, b, grad = make_factors(3, 2, 13, 17, 4, dtype=dtype, seed=2)  # H = 13: 4-row blocks and a tail
@@ -139,9 +145,9 @@ def test_cpp_independent_of_thread_count():
 
 @needs_cpp
 @pytest.mark.parametrize("rank", [1, 3, 8, 9])  # compile-time ranks 1..8, the general kernel above
-def test_cpp_generic_isa_matches_reference(monkeypatch, rank):
-    """FASTDD_CPU_ISA=generic forces the default-ISA inner loops instead of the AVX2+FMA ones."""
-    monkeypatch.setenv("FASTDD_CPU_ISA", "generic")
+def test_cpp_scalar_path_matches_reference(monkeypatch, rank):
+    """FASTDD_SIMD=scalar forces the scalar inner loops (test_determinism.py: every path agrees bit for bit)."""
+    monkeypatch.setenv("FASTDD_SIMD", "scalar")
     a, b, grad = make_factors(3, 2, 11, 19, rank, seed=rank)
     check_against_reference("cpp", a, b, grad, torch.float32)
     check_against_reference("cpp", a.double(), b.double(), grad.double(), torch.float64)
@@ -185,7 +191,7 @@ def test_gradcheck_float64(cpu_backend):
     assert torch.autograd.gradcheck(lambda x, y: ops.lowrank_reconstruct(x, y, backend=cpu_backend), (a, b))
 
 
-@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("cpu_backend", OP_BACKENDS, indirect=True)
 def test_opcheck(cpu_backend):
     a, b, grad = make_factors(2, 3, 5, 6, 2, seed=7)
     ar, br = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
@@ -231,21 +237,9 @@ def test_reconstruct_then_loss_equals_loss_on_product():
 
 
 # ------------------------------------------------------------------------------------ backend choice
-def _spy(monkeypatch):
-    seen = []
-    original = ops._fwd_impl
-
-    def spy(backend, *args):
-        seen.append(backend)
-        return original(backend, *args)
-
-    monkeypatch.setattr(ops, "_fwd_impl", spy)
-    return seen
-
-
 def test_env_forces_backend(monkeypatch):
     a, b, _ = make_factors(1, 1, 3, 3, 1)
-    seen = _spy(monkeypatch)
+    seen = spy_resolved_backends(monkeypatch, "lowrank_fwd")
     monkeypatch.setenv("FASTDD_BACKEND", "torch")
     ops.lowrank_reconstruct(a, b)
     assert seen == ["torch"]
@@ -273,13 +267,13 @@ def test_automatic_fallback_warns_once(monkeypatch):
     monkeypatch.setattr(_backend, "native_has_op", lambda op: False)
     monkeypatch.setattr(_backend, "_warned", set())
     a, b, _ = make_factors(1, 1, 3, 3, 1)
-    seen = _spy(monkeypatch)
-    with pytest.warns(RuntimeWarning, match="using 'torch'"):
+    seen = spy_resolved_backends(monkeypatch, "lowrank_fwd")
+    with pytest.warns(RuntimeWarning, match="using 'closed_form'"):
         ops.lowrank_reconstruct(a, b)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops.lowrank_reconstruct(a, b)
-    assert seen == ["torch", "torch"]
+    assert seen == ["closed_form", "closed_form"]
 
 
 # ----------------------------------------------------------------------------------------- bad input

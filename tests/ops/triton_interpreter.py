@@ -48,3 +48,30 @@ def run_triton_cases_in_child(test_file: str) -> None:
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, summary
+
+
+def spy_resolved_backends(monkeypatch, op: str) -> list:
+    """Record every backend name that :func:`fastdd.ops._backend.select_backend` resolves for ``op``."""
+    seen = []
+    original = _backend.select_backend
+
+    def spy(name, device, backend=None):
+        out = original(name, device, backend)
+        if name == op:
+            seen.append(out)
+        return out
+
+    monkeypatch.setattr(_backend, "select_backend", spy)
+    return seen
+
+
+# CPU backends of the ops that have a closed_form backend; OP_BACKENDS run through the custom ops ("torch"
+# is the reference under autograd and never does).
+CPU_BACKENDS = ["cpp", "closed_form", "torch", "triton"]
+OP_BACKENDS = [b for b in CPU_BACKENDS if b != "torch"]
+
+
+def native_kernels(kernel: str):
+    """(whether fastdd._C registered ``kernel``, a skipif marker for tests that need it)."""
+    has = _backend.native_has_op(kernel)
+    return has, pytest.mark.skipif(not has, reason=f"fastdd._C not built with the {kernel} kernel")

@@ -1,0 +1,44 @@
+"""Helpers shared by every op module in :mod:`fastdd.ops` (dtype rules and backend-name checks).
+
+Rules (see ``fastdd/ops/README.md``): inputs may be float16 / bfloat16 / float32 / float64; every backend
+accumulates in float32, or float64 for float64 inputs (:func:`acc_dtype`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..validation import check_tensor
+from ._backend import BACKENDS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of an op on ``dtype`` inputs: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_features(name: str, x, *, nonempty: bool = False) -> None:
+    """Raise a ``TypeError`` / ``ValueError`` naming ``name`` unless ``x`` is a 2-d floating tensor [N, D]
+    (with ``nonempty``: at least one row and one feature)."""
+    check_tensor(name, x, ndim=2, layout="[N, D]", dtypes=FLOAT_DTYPES)
+    if nonempty and (x.shape[0] == 0 or x.shape[1] == 0):
+        raise ValueError(f"{name}: expected at least one row and one feature, got shape {tuple(x.shape)}")
+
+
+def check_backend_name(backend: Optional[str]) -> None:
+    """Raise a ``ValueError`` naming ``backend`` unless it is None, 'auto' or one of :data:`BACKENDS`."""
+    if backend is not None and backend != "auto" and backend not in BACKENDS:
+        names = ", ".join(repr(b) for b in BACKENDS)
+        raise ValueError(f"backend: expected None, 'auto' or one of {names}, got {backend!r}")
+
+
+def dispatch(table: dict, backend: str, op: str):
+    """The implementation of ``op`` for the resolved ``backend`` from ``table`` (backend -> callable)."""
+    try:
+        return table[backend]
+    except KeyError:
+        raise ValueError(f"op {op!r} has no {backend!r} implementation inside its custom op "
+                         f"(expected one of {sorted(table)})") from None
