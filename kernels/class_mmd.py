@@ -291,6 +291,19 @@ def _gamma_tensor(bandwidths: Sequence[float], device, acc) -> torch.Tensor:
     return torch.tensor([1.0 / (2.0 * float(s) * float(s)) for s in bandwidths], device=device, dtype=acc)
 
 
+def _gaussian_setup(real, real_labels, syn, syn_labels, num_classes: int, bandwidths: Sequence[float]):
+    """Rows of both sides grouped by class, inverse class counts and gammas, in the accumulation dtype:
+    (real, syn, groups_real, groups_syn, inv_r [K], inv_s [K], gamma [B], acc)."""
+    real, syn = _check(real), _check(syn)
+    acc = acc_dtype(real.dtype)
+    groups = [group_by_class(labels, num_classes) for labels in (real_labels, syn_labels)]
+    inv = []
+    for _, _, offsets in groups:
+        n = (offsets[1:] - offsets[:-1]).to(acc)
+        inv.append(torch.where(n > 0, 1.0 / n.clamp_min(1), 0.0))
+    return real, syn, groups[0], groups[1], inv[0], inv[1], _gamma_tensor(bandwidths, real.device, acc), acc
+
+
 def _blocks(D: int, block_m: Optional[int], block_n: Optional[int], block_d: Optional[int], dtype):
     bd = block_d or _block_d(D, 32 if dtype in (torch.float32, torch.float64) else 64)
     return block_m or 64, block_n or 64, bd
@@ -300,16 +313,9 @@ def gaussian_class_mmd_forward(real, real_labels, syn, syn_labels, num_classes: 
                                *, block_m: Optional[int] = None, block_n: Optional[int] = None,
                                block_d: Optional[int] = None) -> torch.Tensor:
     """sum_c [mean k(r, r') + mean k(s, s') - 2 mean k(r, s)] over same-class pairs; 0-d, real.dtype."""
-    real, syn = _check(real), _check(syn)
-    K, D = num_classes, real.shape[1]
-    acc = acc_dtype(real.dtype)
-    gr = group_by_class(real_labels, K)
-    gs = group_by_class(syn_labels, K)
-    nr = (gr[2][1:] - gr[2][:-1]).to(acc)
-    ns = (gs[2][1:] - gs[2][:-1]).to(acc)
-    inv_r = torch.where(nr > 0, 1.0 / nr.clamp_min(1), 0.0)
-    inv_s = torch.where(ns > 0, 1.0 / ns.clamp_min(1), 0.0)
-    gam = _gamma_tensor(bandwidths, real.device, acc)
+    real, syn, gr, gs, inv_r, inv_s, gam, acc = _gaussian_setup(real, real_labels, syn, syn_labels, num_classes,
+                                                                 bandwidths)
+    D = real.shape[1]
     BM, BN, BD = _blocks(D, block_m, block_n, block_d, real.dtype)
     total = torch.zeros((), device=real.device, dtype=acc)
     for (x, gx), (y, gy), w in (
@@ -335,17 +341,10 @@ def gaussian_class_mmd_backward(grad, real, real_labels, syn, syn_labels, num_cl
                                 block_m: Optional[int] = None, block_n: Optional[int] = None,
                                 block_d: Optional[int] = None):
     """(grad_real [Nr, D] or [0, D], grad_syn [Ns, D] or [0, D]) in the input dtype."""
-    real, syn = _check(real), _check(syn)
-    K, D = num_classes, real.shape[1]
-    acc = acc_dtype(real.dtype)
-    gr = group_by_class(real_labels, K)
-    gs = group_by_class(syn_labels, K)
-    nr = (gr[2][1:] - gr[2][:-1]).to(acc)
-    ns = (gs[2][1:] - gs[2][:-1]).to(acc)
-    inv_r = torch.where(nr > 0, 1.0 / nr.clamp_min(1), 0.0)
-    inv_s = torch.where(ns > 0, 1.0 / ns.clamp_min(1), 0.0)
+    real, syn, gr, gs, inv_r, inv_s, gam, acc = _gaussian_setup(real, real_labels, syn, syn_labels, num_classes,
+                                                                 bandwidths)
+    D = real.shape[1]
     g = grad.reshape(()).to(acc)
-    gam = _gamma_tensor(bandwidths, real.device, acc)
     BM, BN, BD = _blocks(D, block_m, block_n, block_d, real.dtype)
     # d/dx_i = sum over the two terms in which x appears of coef[c] (sum_j W_ij x_i - sum_j W_ij y_j)
     outs = []

@@ -28,6 +28,19 @@ def check_features(name: str, x, *, nonempty: bool = False) -> None:
         raise ValueError(f"{name}: expected at least one row and one feature, got shape {tuple(x.shape)}")
 
 
+def check_feature_pair(a_name: str, a, b_name: str, b, *, nonempty: bool = False) -> None:
+    """:func:`check_features` for both, then ``b`` must match ``a``'s feature dimension, device and dtype
+    (the errors name ``b``)."""
+    check_features(a_name, a, nonempty=nonempty)
+    check_features(b_name, b, nonempty=nonempty)
+    if b.shape[1] != a.shape[1]:
+        raise ValueError(f"{b_name}: feature dimension {b.shape[1]} does not match {a_name}'s {a.shape[1]}")
+    if b.device != a.device:
+        raise ValueError(f"{b_name}: on device {b.device}, expected {a_name}'s device {a.device}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"{b_name}: dtype {b.dtype} does not match {a_name}'s {a.dtype}")
+
+
 def check_backend_name(backend: Optional[str]) -> None:
     """Raise a ``ValueError`` naming ``backend`` unless it is None, 'auto' or one of :data:`BACKENDS`."""
     if backend is not None and backend != "auto" and backend not in BACKENDS:

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from fastdd.ops._backend import BackendUnavailableError, declare_closed_form, resolve_backend, triton_kernels
-from fastdd.ops._common import acc_dtype, check_backend_name, check_features, dispatch
+from fastdd.ops._common import acc_dtype, check_backend_name, check_feature_pair, check_features, dispatch
 from fastdd.validation import check_row_labels
 
 __all__ = [
@@ -412,14 +412,7 @@ def validate_class_mmd_inputs(real, real_labels, syn, syn_labels, num_classes, *
     With ``check_values`` (skipped while compiling; needs a host sync): label range, and every class
     present on both sides or on neither. ``check_finite`` also rejects NaN/Inf features.
     """
-    check_features("real", real)
-    check_features("syn", syn)
-    if syn.shape[1] != real.shape[1]:
-        raise ValueError(f"syn: feature dimension {syn.shape[1]} does not match real's {real.shape[1]}")
-    if syn.device != real.device:
-        raise ValueError(f"syn: on device {syn.device}, expected real's device {real.device}")
-    if syn.dtype != real.dtype:
-        raise TypeError(f"syn: dtype {syn.dtype} does not match real's {real.dtype}")
+    check_feature_pair("real", real, "syn", syn)
     _check_num_classes(num_classes)
     _check_labels_static("real_labels", real_labels, real.shape[0], real.device, num_classes)
     _check_labels_static("syn_labels", syn_labels, syn.shape[0], real.device, num_classes)

@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from fastdd.ops._backend import BackendUnavailableError, declare_closed_form, resolve_backend, triton_kernels
-from fastdd.ops._common import acc_dtype, check_backend_name, check_features, dispatch
+from fastdd.ops._common import acc_dtype, check_backend_name, check_feature_pair, dispatch
 from fastdd.validation import check_row_labels
 
 __all__ = [
@@ -317,20 +317,21 @@ _infonce_op.register_autograd(_infonce_backward, setup_context=_infonce_setup)
 
 
 # ------------------------------------------------------------------------------------------ validation
+def _check_positive(name: str, value, expected: str = "a number") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: must be a positive finite number, got {value}")
+
+
 def _check_options(temperature, form, nce_constant, nce_negatives, backend) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature: expected a number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: must be a positive finite number, got {temperature}")
+    _check_positive("temperature", temperature)
     if form not in FORMS:
         raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
     if nce_constant is not None:
         if form != "nce":
             raise ValueError("nce_constant: only used with form='nce'")
-        if isinstance(nce_constant, bool) or not isinstance(nce_constant, (int, float)):
-            raise TypeError(f"nce_constant: expected a number or None, got {type(nce_constant).__name__}")
-        if not (math.isfinite(nce_constant) and nce_constant > 0):
-            raise ValueError(f"nce_constant: must be a positive finite number, got {nce_constant}")
+        _check_positive("nce_constant", nce_constant, "a number or None")
     if nce_negatives not in NCE_NEGATIVES:
         raise ValueError(f"nce_negatives: expected one of {NCE_NEGATIVES}, got {nce_negatives!r}")
     check_backend_name(backend)
@@ -345,14 +346,7 @@ def validate_infonce_inputs(syn, syn_labels, real, real_labels, *, num_classes: 
     < ``num_classes`` when given) and every synthetic anchor has at least one real positive;
     ``check_finite`` also rejects NaN/Inf features.
     """
-    check_features("syn", syn, nonempty=True)
-    check_features("real", real, nonempty=True)
-    if real.shape[1] != syn.shape[1]:
-        raise ValueError(f"real: feature dimension {real.shape[1]} does not match syn's {syn.shape[1]}")
-    if real.device != syn.device:
-        raise ValueError(f"real: on device {real.device}, expected syn's device {syn.device}")
-    if real.dtype != syn.dtype:
-        raise TypeError(f"real: dtype {real.dtype} does not match syn's {syn.dtype}")
+    check_feature_pair("syn", syn, "real", real, nonempty=True)
     check_row_labels("syn_labels", syn_labels, syn.shape[0], syn.device)
     check_row_labels("real_labels", real_labels, real.shape[0], syn.device)
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)

@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from triton_interpreter import (
     CPU_BACKENDS,
     INTERPRETING_FROM_START,
+    compile_for_gpu,
+    feature_pair_bad_cases,
     native_kernels,
     run_triton_cases_in_child,
     select_cpu_backend,
@@ -327,14 +329,7 @@ def _bad(**changes):
     return args
 
 
-BAD = [
-    (dict(real=torch.randn(12)), ValueError, r"real: expected a 2-d"),
-    (dict(syn=torch.randn(6, 4)), ValueError, r"syn: feature dimension 4 does not match real's 5"),
-    (dict(syn=torch.randn(6, 5, dtype=torch.float64)), TypeError, r"syn: dtype"),
-    (dict(real=torch.randint(0, 3, (12, 5))), TypeError, r"real: dtype"),
-    (dict(syn=torch.randn(6, 5, device="meta")), ValueError, r"syn: on device meta"),
-    (dict(real_labels=torch.zeros(12)), TypeError, r"real_labels: dtype"),
-    (dict(syn_labels=torch.zeros(5, dtype=torch.int64)), ValueError, r"syn_labels: expected shape \(6,\)"),
+BAD = feature_pair_bad_cases("real", "syn", 12, 6, 5) + [
     (dict(real_labels=torch.full((12,), 3)), ValueError, r"real_labels: labels must lie in \[0, 3\)"),
     (dict(syn_labels=torch.tensor([0, 1, 2, 0, 1, -1])), ValueError, r"syn_labels: labels must lie"),
     (dict(num_classes=0), ValueError, r"num_classes: must be >= 1"),
@@ -423,3 +418,25 @@ def test_gpu_class_means_and_compile(backend):
     loss = matcher(real, rl, s, sl, k)
     loss.backward()
     torch.testing.assert_close(loss, ops.class_mmd_reference(real, rl, syn, sl, k))
+
+
+def test_triton_gaussian_kernels_compile_for_gpu(monkeypatch, tmp_path):
+    """The Gaussian pair kernels (and the shared dot_tile) lower to PTX for sm_90, fp32 and bf16 inputs."""
+    import triton.language as tl
+
+    def specs():
+        k = _backend.triton_kernels("class_mmd")
+        ptrs = ["x_ptr", "x_perm_ptr", "x_lab_ptr", "y_ptr", "y_perm_ptr", "y_lab_ptr", "y_off_ptr"]
+        out = []
+        for dt in ("fp32", "bf16"):
+            types = [f"*{dt}", "*i64", "*i32", f"*{dt}", "*i64", "*i32", "*i32"]
+            sig = dict(zip(ptrs, types))
+            sig.update({"w_ptr": "*fp32", "gam_ptr": "*fp32", "out_ptr": "*fp32", "Nx": "i32", "D": "i32",
+                        "stride_x": "i32", "stride_y": "i32", "NB": "constexpr", "ACC": "constexpr",
+                        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"})
+            consts = {"NB": 2, "ACC": tl.float32, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}
+            grad_sig = {("coef_ptr" if name == "w_ptr" else name): t for name, t in sig.items()}
+            out += [(k._pair_sum_kernel, sig, consts), (k._pair_grad_kernel, grad_sig, consts)]
+        return out
+
+    compile_for_gpu(specs, monkeypatch, tmp_path)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from triton_interpreter import INTERPRETING_FROM_START, run_triton_cases_in_child, select_cpu_backend
+from triton_interpreter import compile_for_gpu, run_triton_cases_in_child, select_cpu_backend
 
 from fastdd.matchers.moments import MomentMatcher
 from fastdd.ops import _backend
@@ -421,45 +421,34 @@ def test_triton_interpreter_subprocess():
 def test_triton_kernels_compile_for_gpu(monkeypatch, tmp_path):
     """Ahead-of-time compile of every Triton kernel to PTX/cubin for sm_90 (no GPU needed): catches what
     the interpreter does not check (types, layouts, constexpr branches)."""
-    if INTERPRETING_FROM_START or _backend.triton_interpreting():
-        pytest.skip("jit functions are interpreted in this process")
-    if not _backend.triton_importable():
-        pytest.skip("triton not importable")
-    import triton
-    from triton.compiler import ASTSource
+    def specs():
+        k = _backend.triton_kernels("feature_moments")
+        c = "constexpr"
+        out = []
+        for dt in ("fp32", "bf16"):
+            acc = "fp32"
+            out += [
+                (k._rows_kernel, {"x_ptr": f"*{dt}", "out_ptr": f"*{acc}", "R": "i32", "P": "i32", "ORDER": c,
+                                  "ACC_F64": c, "BLOCK_R": c, "BLOCK_P": c},
+                 {"ORDER": 4, "ACC_F64": False, "BLOCK_R": 4, "BLOCK_P": 1024}),
+                (k._class_map_kernel, {"x_ptr": f"*{dt}", "idx_ptr": "*i64", "off_ptr": "*i64", "a_ptr": f"*{acc}",
+                                       "C": "i32", "P": "i32", "ACC_F64": c, "BLOCK_P": c},
+                 {"ACC_F64": False, "BLOCK_P": 256}),
+                (k._poly_kernel, {"src_ptr": f"*{dt}", "idx_ptr": "*i64", "center_ptr": "*fp32", "coef_ptr": "*fp32",
+                                  "out_ptr": f"*{dt}", "R": "i32", "P": "i32", "HAS_IDX": c, "DEGREE": c,
+                                  "BLOCK_R": c, "BLOCK_P": c},
+                 {"HAS_IDX": True, "DEGREE": 3, "BLOCK_R": 4, "BLOCK_P": 1024}),
+                (k._class_gram_kernel, {"x_ptr": f"*{dt}", "idx_ptr": "*i64", "off_ptr": "*i64", "scale_ptr": "*fp32",
+                                        "g_ptr": "*fp32", "C": "i32", "P": "i32", "IEEE": c, "BLOCK_C": c,
+                                        "BLOCK_P": c},
+                 {"IEEE": dt == "fp32", "BLOCK_C": 64, "BLOCK_P": 32}),
+                (k._gram_bwd_kernel, {"s_ptr": "*fp32", "x_ptr": f"*{dt}", "lab_ptr": "*i64", "dx_ptr": f"*{dt}",
+                                      "C": "i32", "P": "i32", "IEEE": c, "BLOCK_M": c, "BLOCK_K": c, "BLOCK_P": c},
+                 {"IEEE": dt == "fp32", "BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_P": 64}),
+            ]
+        return out
 
-    try:
-        from triton.backends.compiler import GPUTarget
-    except ImportError:
-        pytest.skip("this triton has no GPUTarget")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    k = _backend.triton_kernels("feature_moments")
-    target = GPUTarget("cuda", 90, 32)
-    c = "constexpr"
-    for dt in ("fp32", "bf16"):
-        acc = "fp32"
-        specs = [
-            (k._rows_kernel, {"x_ptr": f"*{dt}", "out_ptr": f"*{acc}", "R": "i32", "P": "i32", "ORDER": c,
-                              "ACC_F64": c, "BLOCK_R": c, "BLOCK_P": c},
-             {"ORDER": 4, "ACC_F64": False, "BLOCK_R": 4, "BLOCK_P": 1024}),
-            (k._class_map_kernel, {"x_ptr": f"*{dt}", "idx_ptr": "*i64", "off_ptr": "*i64", "a_ptr": f"*{acc}",
-                                   "C": "i32", "P": "i32", "ACC_F64": c, "BLOCK_P": c},
-             {"ACC_F64": False, "BLOCK_P": 256}),
-            (k._poly_kernel, {"src_ptr": f"*{dt}", "idx_ptr": "*i64", "center_ptr": "*fp32", "coef_ptr": "*fp32",
-                              "out_ptr": f"*{dt}", "R": "i32", "P": "i32", "HAS_IDX": c, "DEGREE": c,
-                              "BLOCK_R": c, "BLOCK_P": c},
-             {"HAS_IDX": True, "DEGREE": 3, "BLOCK_R": 4, "BLOCK_P": 1024}),
-            (k._class_gram_kernel, {"x_ptr": f"*{dt}", "idx_ptr": "*i64", "off_ptr": "*i64", "scale_ptr": "*fp32",
-                                    "g_ptr": "*fp32", "C": "i32", "P": "i32", "IEEE": c, "BLOCK_C": c,
-                                    "BLOCK_P": c},
-             {"IEEE": dt == "fp32", "BLOCK_C": 64, "BLOCK_P": 32}),
-            (k._gram_bwd_kernel, {"s_ptr": "*fp32", "x_ptr": f"*{dt}", "lab_ptr": "*i64", "dx_ptr": f"*{dt}",
-                                  "C": "i32", "P": "i32", "IEEE": c, "BLOCK_M": c, "BLOCK_K": c, "BLOCK_P": c},
-             {"IEEE": dt == "fp32", "BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_P": 64}),
-        ]
-        for fn, sig, consts in specs:
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
-            assert compiled.asm.get("ptx"), f"{fn.__name__} {dt}: no PTX"
+    compile_for_gpu(specs, monkeypatch, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 from triton_interpreter import (
     CPU_BACKENDS,
     INTERPRETING_FROM_START,
+    compile_for_gpu,
+    feature_pair_bad_cases,
     native_kernels,
     run_triton_cases_in_child,
     select_cpu_backend,
@@ -348,15 +350,8 @@ def _args(**changes):
     return args
 
 
-BAD = [
-    (dict(syn=torch.randn(6)), ValueError, r"syn: expected a 2-d"),
-    (dict(real=torch.randn(12, 4)), ValueError, r"real: feature dimension 4 does not match syn's 5"),
-    (dict(real=torch.randn(12, 5, dtype=torch.float64)), TypeError, r"real: dtype"),
-    (dict(syn=torch.randint(0, 3, (6, 5))), TypeError, r"syn: dtype"),
-    (dict(real=torch.randn(12, 5, device="meta")), ValueError, r"real: on device meta"),
+BAD = feature_pair_bad_cases("syn", "real", 6, 12, 5) + [
     (dict(syn=torch.randn(0, 5)), ValueError, r"syn: expected at least one row"),
-    (dict(real_labels=torch.zeros(12)), TypeError, r"real_labels: dtype"),
-    (dict(syn_labels=torch.zeros(5, dtype=torch.int64)), ValueError, r"syn_labels: expected shape \(6,\)"),
     (dict(real_labels=torch.tensor([0, 1, 2] * 3 + [0, 1, -1])), ValueError,
      r"real_labels: labels must lie in \[0, inf\)"),
     (dict(syn_labels=torch.tensor([0, 1, 2, 0, 1, 5])), ValueError, r"syn_labels: anchor 5 has class 5"),
@@ -439,3 +434,31 @@ def test_gpu_compile_and_memory(backend):
     before = torch.cuda.memory_allocated()
     run(lambda s, r: ops.infonce_loss(s, sl, r, rl, backend=backend, validate=False), syn, real)
     assert torch.cuda.max_memory_allocated() - before < n * n * 4 / 10
+
+
+def test_triton_kernels_compile_for_gpu(monkeypatch, tmp_path):
+    """The InfoNCE forward and backward kernels (and the shared dot_tile) lower to PTX for sm_90."""
+    import triton.language as tl
+
+    def specs():
+        k = _backend.triton_kernels("infonce")
+        out = []
+        for dt in ("fp32", "bf16"):
+            rows = {"s_ptr": f"*{dt}", "sl_ptr": "*i64", "ss_ptr": "*fp32", "r_ptr": f"*{dt}", "rl_ptr": "*i64",
+                    "rs_ptr": "*fp32", "w_ptr": "*fp32", "logc_ptr": "*fp32"}
+            fwd = {**rows, "row_ptr": "*fp32", "lse_ptr": "*fp32", "Ns": "i32", "Nr": "i32", "D": "i32",
+                   "stride_s": "i32", "stride_r": "i32", "inv_tau": "fp32", "FORM": "constexpr",
+                   "ACC": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+            bwd = {"a_ptr": f"*{dt}", "al_ptr": "*i64", "as_ptr": "*fp32", "b_ptr": f"*{dt}", "bl_ptr": "*i64",
+                   "bs_ptr": "*fp32", "w_ptr": "*fp32", "logc_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp32",
+                   "Na": "i32", "Nb": "i32", "D": "i32", "Ns": "i32", "stride_a": "i32", "stride_b": "i32",
+                   "inv_tau": "fp32", "SYN_ROWS": "constexpr", "FORM": "constexpr", "ACC": "constexpr",
+                   "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+            blocks = {"ACC": tl.float32, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}
+            for form in (0, 1):
+                out.append((k._fwd_kernel, fwd, {"FORM": form, **blocks}))
+                out += [(k._bwd_kernel, bwd, {"SYN_ROWS": syn_rows, "FORM": form, **blocks})
+                        for syn_rows in (True, False)]
+        return out
+
+    compile_for_gpu(specs, monkeypatch, tmp_path)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastdd.ops import _backend
 
@@ -75,3 +76,42 @@ def native_kernels(kernel: str):
     """(whether fastdd._C registered ``kernel``, a skipif marker for tests that need it)."""
     has = _backend.native_has_op(kernel)
     return has, pytest.mark.skipif(not has, reason=f"fastdd._C not built with the {kernel} kernel")
+
+
+def feature_pair_bad_cases(a: str, b: str, n_a: int, n_b: int, d: int) -> list:
+    """(changes, exception, message) cases of ``fastdd.ops._common.check_feature_pair`` and the row labels,
+    for an op whose feature inputs ``a`` [n_a, d] and ``b`` [n_b, d] carry labels ``<a>_labels`` and
+    ``<b>_labels`` (errors about a mismatch name ``b``)."""
+    n_real, n_syn = (n_a, n_b) if a == "real" else (n_b, n_a)
+    return [
+        (dict(**{a: torch.randn(n_a)}), ValueError, rf"{a}: expected a 2-d"),
+        (dict(**{b: torch.randn(n_b, d - 1)}), ValueError, rf"{b}: feature dimension {d - 1} does not match {a}'s {d}"),
+        (dict(**{b: torch.randn(n_b, d, dtype=torch.float64)}), TypeError, rf"{b}: dtype"),
+        (dict(**{a: torch.randint(0, 3, (n_a, d))}), TypeError, rf"{a}: dtype"),
+        (dict(**{b: torch.randn(n_b, d, device="meta")}), ValueError, rf"{b}: on device meta"),
+        (dict(real_labels=torch.zeros(n_real)), TypeError, r"real_labels: dtype"),
+        (dict(syn_labels=torch.zeros(n_syn - 1, dtype=torch.int64)), ValueError,
+         rf"syn_labels: expected shape \({n_syn},\)"),
+    ]
+
+
+def compile_for_gpu(make_specs, monkeypatch, tmp_path) -> None:
+    """Ahead-of-time compile of Triton kernels to PTX for sm_90 (no GPU needed): catches what the interpreter
+    does not check (types, layouts, constexpr branches). ``make_specs()`` (called once Triton is known to
+    compile here) returns (jit function, signature, constexprs) triples."""
+    if INTERPRETING_FROM_START or _backend.triton_interpreting():
+        pytest.skip("jit functions are interpreted in this process")
+    if not _backend.triton_importable():
+        pytest.skip("triton not importable")
+    import triton
+    from triton.compiler import ASTSource
+
+    try:
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        pytest.skip("this triton has no GPUTarget")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    target = GPUTarget("cuda", 90, 32)
+    for fn, sig, consts in make_specs():
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+        assert compiled.asm.get("ptx"), f"{fn.__name__}: no PTX"
