@@ -43,7 +43,7 @@ from torch.func import functional_call, stack_module_state
 from .augment import DSA, dsa_strategy_for
 from .compile import Compiled, cache_rows, check_compile_mode, should_compile
 from .data import ClassSampler, ImageDataset
-from .models import get_model
+from .models import get_model, has_batchnorm
 from .validation import check_labels, check_positive_int, check_tensor
 
 
@@ -107,10 +107,6 @@ def idc_strategy_for(dataset_name: str) -> str:
         "color_crop_flip_scale_rotate"
 
 
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 class StackedModels:
     """M networks of one architecture evaluated as one: ``forward(x [M, B, C, H, W]) -> [M, B, K]``."""
 
@@ -119,10 +115,10 @@ class StackedModels:
         device = next(self.models[0].parameters()).device
         if vectorise is None:  # grouped convolutions are fast on GPUs, slow in oneDNN's CPU backward
             vectorise = device.type == "cuda"
-        self.vectorised = vectorise and not _has_batchnorm(self.models[0])
+        self.vectorised = vectorise and not has_batchnorm(self.models[0])
         # model loop: one compiled graph (parameters as inputs) serves every model; BatchNorm's running
         # statistics would be mutated graph inputs, so BN networks stay eager
-        self.compiled = compile and not self.vectorised and not _has_batchnorm(self.models[0])
+        self.compiled = compile and not self.vectorised and not has_batchnorm(self.models[0])
         self.channels_last = device.type == "cpu"  # oneDNN's fast layout for the no-grad test forward
         if self.compiled:
             self.base = copy.deepcopy(self.models[0]).to("meta")
