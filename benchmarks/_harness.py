@@ -1,4 +1,5 @@
-"""Shared helpers for fastdd's op benchmarks (``benchmarks/<op>.py``).
+"""Shared helpers for fastdd's benchmarks: the op benchmarks (``benchmarks/<op>.py``) and the end-to-end
+and comparison scripts.
 
 Stable API (other benchmark scripts import it):
 
