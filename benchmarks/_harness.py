@@ -1,8 +1,12 @@
-"""Shared helpers for fastdd's op benchmarks (``benchmarks/<op>.py``).
+"""Shared helpers for fastdd's benchmarks: the op benchmarks (``benchmarks/<op>.py``) and the end-to-end
+and comparison scripts.
 
 Stable API (other benchmark scripts import it):
 
 * :func:`environment` (device) -> dict with ``device``, ``date``, ``torch``, ``triton``, ``commit``.
+* :func:`default_device` and :func:`check_device`: the ``--device`` default and check of every benchmark;
+  :func:`add_budget_options`, the options of the shared-budget Fashion-MNIST comparisons.
+* :func:`resolve_variant` (name, overrides, fallback): the method a comparison row runs, if any.
 * :func:`fastdd_backends` (op, device) -> the fastdd backends that can run ``op`` there.
 * :func:`make_call` (fn, inputs, mode) -> a zero-argument callable for ``mode`` in :data:`MODES`.
 * :func:`time_call` (call, device, *, quick) -> :class:`Timing` (median / p20 / p80 in ms, runs).
@@ -13,7 +17,12 @@ Stable API (other benchmark scripts import it):
   preallocated one, i.e. ``clone()`` without the page faults of a fresh allocation; read + write bytes
   counted), cached per device.
 * :func:`measure` (...) -> one result row (dict with :data:`COLUMNS`) combining all of the above.
-* :func:`append_rows` (csv_path, rows) and :func:`write_markdown` (csv_path, md_path, title).
+* :func:`append_rows` (csv_path, rows[, columns]), :func:`append_text` (path, text) and
+  :func:`write_markdown` (csv_path, md_path, title); :func:`report_head`, the head of a run's section in
+  an appended Markdown report.
+* :func:`op_parser`, :func:`parse_op_args`, :func:`write_op_results`: the command line and the results
+  files of ``benchmarks/{mmd,infonce,lowrank}.py``; :func:`cpu_notes` and :func:`timing_text`, the notes
+  column and the printed timing of a row.
 
 Timing: on CUDA ``triton.testing.do_bench`` (median and 20/80 % quantiles, warm-up included; gradients
 are returned, never accumulated); on CPU ``torch.utils.benchmark.Timer.blocked_autorange`` with all of
@@ -30,8 +39,10 @@ documents its count), and ``bw_fraction = GB/s / copy_bandwidth(device)``.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import ctypes
+import dataclasses
 import datetime as _dt
 import functools
 import gc
@@ -57,7 +68,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # run as `python benchmarks/<op>.py` from a source tree
     sys.path.insert(0, _ROOT)
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = ("float32", "bfloat16", "float16")
 
 COLUMNS = (
     "op", "provider", "mode", "size", "dtype", "median_ms", "p20_ms", "p80_ms", "runs",
@@ -129,6 +142,48 @@ def fastdd_backends(op: str, device) -> List[str]:
 
     device_type = torch.device(device).type
     return [b for b in BACKENDS if b != "torch" and backend_available(b, device_type, op)]
+
+
+def default_device() -> str:
+    """The ``--device`` default of every benchmark: ``cuda`` where torch sees a GPU, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_budget_options(p: argparse.ArgumentParser, *, iterations: int) -> argparse.ArgumentParser:
+    """The options of the small shared-budget Fashion-MNIST runs (compare_methods, continual): distillation
+    budget (``--iterations``, ``--batch-real``), evaluation (``--epochs``, ``--models``, ``--test-per-class``),
+    ``--seed``, ``--data-path``, ``--device``, ``--quick``, ``--no-write``."""
+    p.add_argument("--iterations", type=int, default=iterations)
+    p.add_argument("--batch-real", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--models", type=int, default=2)
+    p.add_argument("--test-per-class", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--quick", action="store_true", help="tiny budget, only to check that the script works")
+    p.add_argument("--no-write", action="store_true", help="print the table, do not append to benchmarks/results")
+    return p
+
+
+def check_device(device) -> None:
+    """Refuse a CUDA ``device`` on a machine without one (``SystemExit`` with one line)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+
+
+def resolve_variant(name: str, overrides: Dict[str, object], fallback=None):
+    """(method name, overrides) of a benchmark row: ``name`` with ``overrides`` if that method is registered
+    and its config has every overridden field, else ``fallback`` ((method, overrides) or None) under the same
+    test; (None, None) when neither can run in this checkout."""
+    from fastdd import methods
+
+    for cand, ov in [(name, overrides)] + ([fallback] if fallback else []):
+        if cand in methods.names():
+            fields = {f.name for f in dataclasses.fields(methods.get(cand).config_cls)}
+            if all(k in fields for k in ov):
+                return cand, ov
+    return None, None
 
 
 def sync(device) -> None:
@@ -209,6 +264,19 @@ def cpu_time_ms(call: Callable[[], object], runs: int = 20) -> float:
         samples.append(time.thread_time() - t0)
     samples.sort()
     return samples[len(samples) // 2] * 1e3
+
+
+def cpu_notes(call: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], mode: str, device,
+              runs: int) -> str:
+    """The notes of a row measured on the CPU: the thread count and, with one thread, the median CPU time of
+    that thread over ``runs`` calls of ``mode`` (:func:`cpu_time_ms`: on a shared machine the trustworthy
+    figure, wall-clock medians include preemption). Empty on CUDA."""
+    if torch.device(device).type != "cpu":
+        return ""
+    if torch.get_num_threads() != 1:
+        return f"threads={torch.get_num_threads()}"
+    cpu = cpu_time_ms(make_call(call, inputs, mode), runs=runs)
+    return f"threads=1; main-thread cpu median {cpu:.3f} ms"
 
 
 def _malloc_trim() -> None:
@@ -293,18 +361,43 @@ def measure(
     return row
 
 
+def timing_text(row: Dict[str, object]) -> str:
+    """A row's median, p20/p80 and GB/s as the op benchmarks print them."""
+    return (f"{row['median_ms']:10.3f} ms (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}) "
+            f"{row['gbps']:7.2f} GB/s")
+
+
 # --------------------------------------------------------------------------------------------- results
-def append_rows(csv_path: str, rows: Iterable[Dict[str, object]]) -> None:
-    """Append ``rows`` to ``csv_path`` (header written when the file is new)."""
+def append_rows(csv_path: str, rows: Iterable[Dict[str, object]], columns: Sequence[str] = COLUMNS) -> None:
+    """Append ``rows`` to ``csv_path``, the values of ``columns`` (default :data:`COLUMNS`; a missing one
+    is left empty), the header written when the file is new or empty."""
     rows = list(rows)
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     new = not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0
     with open(csv_path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+            writer.writerow({k: row.get(k, "") for k in columns})
+
+
+def report_head(subject: str, budget: str, env: Dict[str, str], intro: str, script: str, *, quick: bool,
+                triton: bool = True) -> List[str]:
+    """The first lines of one run's section in an appended Markdown report: ``## subject, budget: device,
+    date, versions, commit`` (``budget`` reads "quick check (NOT a result)" for a ``quick`` run), then
+    ``intro`` and the command that produced it (``python benchmarks/<script> <arguments>``)."""
+    title = "quick check (NOT a result)" if quick else budget
+    versions = f"torch {env['torch']}, " + (f"triton {env['triton']}, " if triton else "")
+    return [f"## {subject}, {title}: {env['device']}, {env['date']}, {versions}commit {env['commit']}", "",
+            f"{intro} Produced by `python benchmarks/{script} {' '.join(sys.argv[1:])}`.", ""]
+
+
+def append_text(path: str, text: str) -> None:
+    """Append ``text`` and a newline to ``path`` (its folder created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(text + "\n")
 
 
 def read_rows(csv_path: str) -> List[Dict[str, str]]:
@@ -352,3 +445,35 @@ def write_markdown(csv_path: str, md_path: str, title: str, *, baseline: str = "
     os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
     with open(md_path, "w") as fh:
         fh.write("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------ op benchmark scripts
+def op_parser(description: str, stem: str, *, quick_help: str, dtype_default: Optional[Sequence[str]] = ("float32",),
+              dtype_help: Optional[str] = None) -> argparse.ArgumentParser:
+    """The options every op benchmark takes (``--quick --device --dtype --threads --results``, the folder of
+    ``<stem>.csv`` / ``<stem>.md``); the script adds its own, then calls :func:`parse_op_args`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--device", default=default_device(), choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", nargs="+", default=None if dtype_default is None else list(dtype_default),
+                        choices=list(DTYPES), help=dtype_help)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--results", default=RESULTS, help=f"folder of {stem}.csv / {stem}.md (default: %(default)s)")
+    return parser
+
+
+def parse_op_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse the options of :func:`op_parser`: refuse ``--device cuda`` without a GPU, apply ``--threads``."""
+    args = parser.parse_args(argv)
+    check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def write_op_results(args: argparse.Namespace, rows: List[Dict[str, object]], stem: str, title: str) -> None:
+    """Append ``rows`` to ``<args.results>/<stem>.csv`` and regenerate ``<stem>.md`` from it."""
+    csv_path, md_path = os.path.join(args.results, f"{stem}.csv"), os.path.join(args.results, f"{stem}.md")
+    append_rows(csv_path, rows)
+    write_markdown(csv_path, md_path, title)
+    print(f"appended {len(rows)} rows to {csv_path}; wrote {md_path}")

@@ -21,10 +21,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def add_common_options(p: argparse.ArgumentParser, *, out: str | None, ipc=(1, 10, 50), iterations: int = 20000,
-                       batch_real: int = 256, epochs: int = 1000, models: int = 5) -> argparse.ArgumentParser:
-    """Options every reproduction script takes, with that script's protocol as the defaults (``ipc=None``: the
-    script picks its IPCs itself and gets no ``--ipc``; ``out=None``: no ``--out``)."""
+#: DM's published ConvNet-3 accuracies on CIFAR (DM paper; [secondary] in the specs): the baseline that the
+#: DDM and MIM4DD scripts print beside their own context (:func:`beside_dm`).
+DM_CIFAR = {"cifar10": {1: "26.0", 10: "48.9", 50: "63.0"}, "cifar100": {1: "11.4", 10: "29.7", 50: "43.6"}}
+
+
+def beside_dm(notes: dict) -> dict:
+    """The ``published`` column of a method over DM on CIFAR: {dataset: {ipc: "DM <acc>; <note>"}} from
+    ``notes`` {dataset: {ipc: note}} and :data:`DM_CIFAR`."""
+    return {ds: {ipc: f"DM {acc}; {notes[ds][ipc]}" for ipc, acc in accs.items()} for ds, accs in DM_CIFAR.items()}
+
+
+def common_parser(doc: str, *, out: str | None, ipc=(1, 10, 50), iterations: int = 20000, batch_real: int = 256,
+                  epochs: int = 1000, models: int = 5) -> argparse.ArgumentParser:
+    """A parser described by the first line of the script's ``doc`` with the options every reproduction
+    script takes, that script's protocol as the defaults (``ipc=None``: the script picks its IPCs itself
+    and gets no ``--ipc``; ``out=None``: no ``--out``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     if ipc is not None:
         p.add_argument("--ipc", type=int, nargs="+", default=list(ipc))
     p.add_argument("--iterations", type=int, default=iterations)
@@ -78,11 +91,18 @@ def append_rows(name: str, header: str, columns, rows) -> str:
     return path
 
 
-def method_parser(description: str, out: str, dataset: str) -> argparse.ArgumentParser:
+def method_main(method_name: str, dataset: str, published: dict, title: str, doc: str, argv=None) -> int:
+    """``main`` of a script that runs one registered method with DM's protocol (:func:`run_method`):
+    ``--dataset`` (default ``dataset``), sets saved under ``runs/reproduce_<method>``, rows appended to
+    ``benchmarks/results/reproduce_<method>.md``."""
+    args = method_parser(doc, f"runs/reproduce_{method_name}", dataset).parse_args(argv)
+    return run_method(method_name, published, f"reproduce_{method_name}.md", title, args)
+
+
+def method_parser(doc: str, out: str, dataset: str) -> argparse.ArgumentParser:
     """Parser of a script that runs one registered method with DM's protocol on ``--dataset``."""
-    p = argparse.ArgumentParser(description=description)
+    p = common_parser(doc, out=out)
     p.add_argument("--dataset", default=dataset)
-    add_common_options(p, out=out)
     p.add_argument("--smoke", action="store_true", help="trivial CPU run on digits; nothing is appended")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="extra method config fields, e.g. gram_weight=1e4 style_accumulator=reset")

@@ -31,8 +31,6 @@ that the script works.
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
 import os
 import sys
 import tempfile
@@ -41,7 +39,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import environment  # noqa: E402
+from _harness import (  # noqa: E402
+    add_budget_options,
+    append_rows,
+    append_text,
+    environment,
+    report_head,
+    resolve_variant,
+)
 
 from fastdd import methods  # noqa: E402
 from fastdd.data import ClassSampler, load_dataset, stratified_subset  # noqa: E402
@@ -66,16 +71,11 @@ ROWS = [
 
 def resolve(name, overrides, fallback):
     """(method class, overrides, note) for a row, or (None, None, reason) when it cannot run here."""
-    registered = methods.names()
-    for cand, ov in [(name, overrides)] + ([fallback] if fallback else []):
-        if cand not in registered:
-            continue
-        fields = {f.name for f in dataclasses.fields(methods.get(cand).config_cls)}
-        missing = [k for k in ov if k not in fields]
-        if not missing:
-            note = "" if cand == name else f"as {cand} " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ov.items())
-            return methods.get(cand), ov, note
-    return None, None, f"skipped: method {name!r} is not registered in this checkout (registered: {registered})"
+    cand, ov = resolve_variant(name, overrides, fallback)
+    if cand is None:
+        return None, None, f"skipped: method {name!r} is not registered in this checkout (registered: {methods.names()})"
+    note = "" if cand == name else f"as {cand} " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ov.items())
+    return methods.get(cand), ov, note
 
 
 def pretrain_experts(args, out_dir) -> float:
@@ -99,20 +99,11 @@ def pretrain_experts(args, out_dir) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
-    p.add_argument("--iterations", type=int, default=60)
-    p.add_argument("--batch-real", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--models", type=int, default=2)
-    p.add_argument("--test-per-class", type=int, default=100)
+    add_budget_options(p, iterations=60)
     p.add_argument("--pretrain-models", type=int, default=2, help="DANCE experts pre-trained here")
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--pretrain-subset", type=int, default=6000, help="class-balanced training images per expert")
     p.add_argument("--only", nargs="+", default=None, help="run only these row labels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="tiny budget, only to check that the script works")
-    p.add_argument("--no-write", action="store_true", help="print the table, do not append to benchmarks/results")
     args = p.parse_args(argv)
     if args.quick:
         args.iterations, args.epochs, args.models, args.test_per_class = 3, 3, 2, 20
@@ -186,17 +177,9 @@ def main(argv=None) -> int:
     md = markdown(rows, args, env)
     print(md)
     if not args.no_write:
-        os.makedirs(RESULTS, exist_ok=True)
-        path = os.path.join(RESULTS, "compare_methods.csv")
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()})
-        with open(os.path.join(RESULTS, "compare_methods.md"), "a") as fh:
-            fh.write(md + "\n")
+        append_rows(os.path.join(RESULTS, "compare_methods.csv"),
+                    [{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows], COLUMNS)
+        append_text(os.path.join(RESULTS, "compare_methods.md"), md)
     return 0
 
 
@@ -205,15 +188,13 @@ def _fmt(v, spec=".1f"):
 
 
 def markdown(rows, args, env) -> str:
-    title = "quick check (NOT a result)" if args.quick else "shared budget"
-    lines = [f"## Fashion-MNIST method comparison, {title}: {env['device']}, {env['date']}, torch {env['torch']}, "
-             f"triton {env['triton']}, commit {env['commit']}", "",
-             f"Budget: {args.iterations} iterations, batch_real {args.batch_real}, seed {args.seed} for every method. "
+    intro = (f"Budget: {args.iterations} iterations, batch_real {args.batch_real}, seed {args.seed} for every method. "
              f"Evaluation: DM protocol, ConvNet, {args.models} models x {args.epochs} epochs, "
-             f"{rows[0]['test_images'] if rows else '-'} test images; accuracy % mean ± std over the models. "
-             f"Produced by `python benchmarks/compare_methods.py {' '.join(sys.argv[1:])}`.", "",
-             "| IPC | method | images/class | accuracy % | stored floats (plain set) | distil s | eval s | "
-             "pretrain s | note |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{rows[0]['test_images'] if rows else '-'} test images; accuracy % mean ± std over the models.")
+    lines = report_head("Fashion-MNIST method comparison", "shared budget", env, intro, "compare_methods.py",
+                        quick=args.quick)
+    lines += ["| IPC | method | images/class | accuracy % | stored floats (plain set) | distil s | eval s | "
+              "pretrain s | note |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = (f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f}" if r["status"] == "ok" else "-")
         stored = f"{r['stored_floats']} ({r['plain_floats']})" if r["stored_floats"] != "" else "-"

@@ -17,16 +17,13 @@ with timings and the environment) and ``continual.md`` (one table per run, appen
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import environment  # noqa: E402
+from _harness import add_budget_options, append_text, environment, report_head, resolve_variant  # noqa: E402
 
 from fastdd import methods  # noqa: E402
 from fastdd.checkpoint import atomic_write  # noqa: E402
@@ -46,32 +43,14 @@ VARIANTS = {  # label -> (method, config overrides, fallback)
 }
 
 
-def resolve(name, overrides, fallback):
-    for cand, ov in [(name, overrides)] + ([fallback] if fallback else []):
-        if cand in methods.names():
-            fields = {f.name for f in dataclasses.fields(methods.get(cand).config_cls)}
-            if all(k in fields for k in ov):
-                return cand, ov
-    return None, None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=list(VARIANTS), help=f"labels among {list(VARIANTS)}")
     p.add_argument("--orders", type=int, default=2)
     p.add_argument("--ipc", type=int, default=1)
-    p.add_argument("--iterations", type=int, default=40)
-    p.add_argument("--batch-real", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--models", type=int, default=2)
     p.add_argument("--model", default="ConvNet", help="distillation and evaluation network")
-    p.add_argument("--test-per-class", type=int, default=100)
     p.add_argument("--max-steps", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="tiny budget, only to check that the script works")
-    p.add_argument("--no-write", action="store_true")
+    add_budget_options(p, iterations=40)
     args = p.parse_args(argv)
     if args.quick:
         args.orders, args.iterations, args.epochs, args.test_per_class, args.max_steps = 1, 3, 3, 20, 2
@@ -86,7 +65,7 @@ def main(argv=None) -> int:
     for label in args.methods:
         if label not in VARIANTS:
             raise SystemExit(f"--methods: unknown label {label!r}; choose from {list(VARIANTS)}")
-        name, ov = resolve(*VARIANTS[label])
+        name, ov = resolve_variant(*VARIANTS[label])
         if name is None:
             skipped[label] = f"method {VARIANTS[label][0]!r} not registered in this checkout"
             print(f"{label}: skipped ({skipped[label]})", flush=True)
@@ -109,21 +88,18 @@ def main(argv=None) -> int:
         runs.append({"environment": env, "quick": args.quick, "args": vars(args), "skipped": skipped,
                      "results": results})
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(runs, indent=1)))
-        with open(os.path.join(RESULTS, "continual.md"), "a") as fh:
-            fh.write(md + "\n")
+        append_text(os.path.join(RESULTS, "continual.md"), md)
     return 0
 
 
 def markdown(results, skipped, args, env) -> str:
     labels = list(results)
-    title = "quick check (NOT a result)" if args.quick else "small CPU budget"
-    lines = [f"## Continual learning on Fashion-MNIST, {title}: {env['device']}, {env['date']}, torch {env['torch']}, "
-             f"commit {env['commit']}", "",
-             f"Class-incremental, 2 classes per step, {args.orders} orders x {args.models} models, IPC {args.ipc} "
+    intro = (f"Class-incremental, 2 classes per step, {args.orders} orders x {args.models} models, IPC {args.ipc} "
              f"(storage budget per class), {args.iterations} iterations x batch_real {args.batch_real} per step, "
              f"{args.model}, DM-protocol evaluation {args.epochs} epochs, {args.test_per_class} test images per "
-             f"class. Accuracy % on the seen classes, mean ± std over orders x models. "
-             f"Produced by `python benchmarks/continual.py {' '.join(sys.argv[1:])}`.", ""]
+             f"class. Accuracy % on the seen classes, mean ± std over orders x models.")
+    lines = report_head("Continual learning on Fashion-MNIST", "small CPU budget", env, intro, "continual.py",
+                        quick=args.quick, triton=False)
     if not labels:
         return "\n".join(lines + ["no method ran"]) + "\n"
     first = results[labels[0]]

@@ -17,7 +17,6 @@ appended to ``benchmarks/results/dc_iteration.csv`` / ``.md`` with device, date,
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import environment, read_rows, sync  # noqa: E402
+from _harness import append_rows, default_device, environment, read_rows, sync  # noqa: E402
 
 from fastdd.data import ImageDataset  # noqa: E402
 from fastdd.methods import get  # noqa: E402
@@ -80,7 +79,7 @@ def write_markdown(csv_path: str, md_path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--methods", nargs="+", default=["dc", "dsa"])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
@@ -119,14 +118,8 @@ def main(argv=None) -> int:
                           f"speed-up {speedup:.2f}x")
     print(f"device: {env['device']}  torch {env['torch']}  commit {env['commit']}")
     if not args.no_save:
-        os.makedirs(RESULTS, exist_ok=True)
         csv_path = os.path.join(RESULTS, "dc_iteration.csv")
-        new = not os.path.exists(csv_path)
-        with open(csv_path, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_rows(csv_path, rows, COLUMNS)
         write_markdown(csv_path, os.path.join(RESULTS, "dc_iteration.md"))
         print(f"appended to {csv_path}")
     return 0

@@ -26,11 +26,12 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import environment, peak_memory, read_rows, sync  # noqa: E402
+from _harness import append_rows, check_device, default_device, environment, peak_memory, read_rows, sync  # noqa: E402
 from _machine import machine_lines  # noqa: E402
 from _reference_loop import make_ref_dm_iteration  # noqa: E402
 
@@ -41,6 +42,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 COLUMNS = ("bench", "shape", "ipc", "batch_real", "provider", "median_ms", "p20_ms", "p80_ms", "runs",
            "ratio_a_over_b", "peak_mem_mb", "mem_kind", "device", "date", "torch", "triton", "commit", "notes")
 SHAPES = {"1x28x28": (1, 28, 28, "fashion-mnist"), "3x32x32": (3, 32, 32, "cifar10")}
+REPORT = ("One DM iteration: reference-loop structure (A) vs fastdd (B)",  # title and intro of the Markdown table
+          "Full iteration (real draw, fresh ConvNet-3, DSA, both embeddings, loss, backward, SGD step), providers "
+          "interleaved in one process. Produced by `python benchmarks/dm_iteration.py` (`make bench`). A/B > 1: "
+          "fastdd is faster.")
 
 
 def random_dataset(shape: str, classes: int, per_class: int, device, seed: int = 0) -> ImageDataset:
@@ -63,8 +68,9 @@ def providers(ds: ImageDataset, ipc: int, batch_real: int, device, compile_mode:
     return out
 
 
-def interleaved(calls: dict, device, repeats: int, warmup: int = 2) -> dict:
-    """Times (ms) of every call, taken in turn (A, B, C, A, B, C, ...) after ``warmup`` rounds."""
+def interleaved(calls: dict, device, repeats: int, warmup: int = 2, outputs: Optional[dict] = None) -> dict:
+    """Times (ms) of every call, taken in turn (A, B, C, A, B, C, ...) after ``warmup`` rounds; with
+    ``outputs`` ({name: list}), each timed call's return value is appended to its list."""
     for _ in range(warmup):
         for fn in calls.values():
             fn()
@@ -73,9 +79,11 @@ def interleaved(calls: dict, device, repeats: int, warmup: int = 2) -> dict:
     for _ in range(repeats):
         for k, fn in calls.items():
             t0 = time.perf_counter()
-            fn()
+            out = fn()
             sync(device)
             times[k].append((time.perf_counter() - t0) * 1e3)
+            if outputs is not None:
+                outputs[k].append(out)
     return times
 
 
@@ -85,8 +93,9 @@ def quantile(xs, q):
 
 
 def summarise(bench: str, key: dict, times: dict, mems: dict, env: dict, baseline: str = "reference-loop",
-              notes: str = "") -> list:
-    """Result rows (one per provider) with median / spread / ratio of the baseline's median to each."""
+              notes="", runs_per_time: int = 1) -> list:
+    """Result rows (one per provider) with median / spread / ratio of the baseline's median to each.
+    ``notes``: one string, or {provider: string}; ``runs_per_time``: runs a time stands for (``runs``)."""
     base = statistics.median(times[baseline])
     rows = []
     for name, ts in times.items():
@@ -94,26 +103,18 @@ def summarise(bench: str, key: dict, times: dict, mems: dict, env: dict, baselin
         mem, kind = mems.get(name, (float("nan"), ""))
         rows.append({"bench": bench, **key, "provider": name, "median_ms": round(med, 1),
                      "p20_ms": round(quantile(ts, 0.2), 1), "p80_ms": round(quantile(ts, 0.8), 1),
-                     "runs": len(ts), "ratio_a_over_b": round(base / med, 2),
+                     "runs": len(ts) * runs_per_time, "ratio_a_over_b": round(base / med, 2),
                      "peak_mem_mb": round(mem / 2**20, 1) if mem == mem else "", "mem_kind": kind,
-                     **env, "notes": notes})
+                     **env, "notes": notes[name] if isinstance(notes, dict) else notes})
     return rows
 
 
 def write_csv(path: str, rows: list) -> None:
-    import csv
-
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    if not new:  # an older file with other columns: start afresh next to it
+    if os.path.exists(path) and os.path.getsize(path) > 0:  # an older file with other columns: start afresh
         with open(path) as fh:
             if fh.readline().strip().split(",") != list(COLUMNS):
                 os.replace(path, path + ".old")
-                new = True
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_rows(path, rows, COLUMNS)
 
 
 def write_markdown(csv_path: str, md_path: str, title: str, intro: str, key_cols: tuple, device) -> None:
@@ -136,9 +137,18 @@ def write_markdown(csv_path: str, md_path: str, title: str, intro: str, key_cols
         fh.write("\n".join(lines) + "\n")
 
 
+def save_results(out: str, name: str, rows: list, title: str, intro: str, device) -> None:
+    """Append ``rows`` to ``<out>/<name>.csv`` and regenerate ``<name>.md`` (keys shape, ipc, batch_real)."""
+    os.makedirs(out, exist_ok=True)
+    csv_path = os.path.join(out, f"{name}.csv")
+    write_csv(csv_path, rows)
+    write_markdown(csv_path, os.path.join(out, f"{name}.md"), title, intro, ("shape", "ipc", "batch_real"), device)
+    print(f"appended to {csv_path}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--ipc", type=int, nargs="+", default=None, help="default 1 10 50 (quick: 10)")
     p.add_argument("--batch-real", type=int, default=256)
@@ -149,8 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
+    check_device(device)
     ipcs = args.ipc or ([10] if args.quick else [1, 10, 50])
     repeats = args.repeats or (3 if args.quick else (30 if device.type == "cuda" else 7))
     env = environment(device)
@@ -169,16 +178,7 @@ def main(argv=None) -> int:
                       f"peak {r['peak_mem_mb']} MiB", flush=True)
             rows += new
     if not args.no_save:
-        os.makedirs(args.out, exist_ok=True)
-        csv_path = os.path.join(args.out, "dm_iteration.csv")
-        write_csv(csv_path, rows)
-        write_markdown(csv_path, os.path.join(args.out, "dm_iteration.md"),
-                       "One DM iteration: reference-loop structure (A) vs fastdd (B)",
-                       "Full iteration (real draw, fresh ConvNet-3, DSA, both embeddings, loss, backward, SGD "
-                       "step), providers interleaved in one process. Produced by `python benchmarks/"
-                       "dm_iteration.py` (`make bench`). A/B > 1: fastdd is faster.",
-                       ("shape", "ipc", "batch_real"), device)
-        print(f"appended to {csv_path}")
+        save_results(args.out, "dm_iteration", rows, *REPORT, device)
     return 0
 
 

@@ -21,19 +21,22 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import environment, peak_memory, sync  # noqa: E402
+from _harness import check_device, default_device, environment, peak_memory  # noqa: E402
 from _reference_loop import ref_evaluate  # noqa: E402
-from dm_iteration import RESULTS, quantile, write_csv, write_markdown  # noqa: E402
+from dm_iteration import RESULTS, interleaved, quantile, save_results, summarise  # noqa: E402
 
 from fastdd.data import ClassSampler, DatasetNotFoundError, load_dataset  # noqa: E402
 from fastdd.evaluate import EvalConfig, evaluate_synset  # noqa: E402
 
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+REPORT = ("Evaluation: reference sequential loop (A) vs fastdd evaluate (B)",  # title and intro of the Markdown table
+          "Time per trained-and-tested ConvNet-3 model on an IPC-n Fashion-MNIST set (first n real images per class), "
+          "DM protocol. Produced by `python benchmarks/evaluate.py` (`make bench`). A/B > 1: fastdd is faster. The "
+          "`batch_real` column holds the epochs.")
 
 
 def load(data_path):
@@ -47,7 +50,7 @@ def load(data_path):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--ipc", type=int, nargs="+", default=None, help="default 1 10 (quick: 1)")
     p.add_argument("--epochs", type=int, default=None, help="default 300 (quick: 30)")
     p.add_argument("--models", type=int, default=None, help="models per provider and round (default 3, quick 1)")
@@ -61,8 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
+    check_device(device)
     ipcs = args.ipc or ([1] if args.quick else [1, 10])
     epochs = args.epochs or (30 if args.quick else 300)
     models = args.models or (1 if args.quick else 3)
@@ -85,41 +87,24 @@ def main(argv=None) -> int:
                                    progress=False).accuracies
 
         calls = {"reference-loop": prov_a, "fastdd": prov_b}
-        times, accs = {k: [] for k in calls}, {k: [] for k in calls}
-        for _ in range(rounds):
-            for k, fn in calls.items():
-                sync(device)
-                t0 = time.perf_counter()
-                accs[k] += fn()
-                sync(device)
-                times[k].append((time.perf_counter() - t0) / models * 1e3)
+        outputs = {k: [] for k in calls}
+        times = interleaved(calls, device, rounds, warmup=0, outputs=outputs)
+        times = {k: [t / models for t in ts] for k, ts in times.items()}  # ms per model
+        accs = {k: [a for out in outs for a in out] for k, outs in outputs.items()}
+        mean_acc = {k: sum(a) / len(a) for k, a in accs.items()}
         mems = {k: peak_memory(fn, device) for k, fn in calls.items()} if not args.quick else {}
+        notes = {k: f"ms per model; mean acc {mean_acc[k]:.2f} % over {len(accs[k])} models; test set "
+                    f"{test.images.shape[0]}" + ("; quick (first round includes compile)" if args.quick else "")
+                 for k in calls}
         base = statistics.median(times["reference-loop"])
+        rows += summarise("evaluate", {"shape": "1x28x28", "ipc": str(ipc), "batch_real": f"{epochs} epochs"},
+                          times, mems, env, notes=notes, runs_per_time=models)
         for k, ts in times.items():
             med = statistics.median(ts)
-            mem, kind = mems.get(k, (float("nan"), ""))
-            acc = sum(accs[k]) / len(accs[k])
-            rows.append({"bench": "evaluate", "shape": "1x28x28", "ipc": str(ipc), "batch_real": f"{epochs} epochs",
-                         "provider": k, "median_ms": round(med, 1), "p20_ms": round(quantile(ts, 0.2), 1),
-                         "p80_ms": round(quantile(ts, 0.8), 1), "runs": len(ts) * models,
-                         "ratio_a_over_b": round(base / med, 2),
-                         "peak_mem_mb": round(mem / 2**20, 1) if mem == mem else "", "mem_kind": kind, **env,
-                         "notes": f"ms per model; mean acc {acc:.2f} % over {len(accs[k])} models; test set "
-                                  f"{test.images.shape[0]}" + ("; quick (first round includes compile)"
-                                                               if args.quick else "")})
             print(f"IPC {ipc} {k:15s} {med / 1e3:8.2f} s/model (p20-p80 {quantile(ts, .2) / 1e3:.2f}-"
-                  f"{quantile(ts, .8) / 1e3:.2f})  A/B {base / med:.2f}x  acc {acc:.2f} %", flush=True)
+                  f"{quantile(ts, .8) / 1e3:.2f})  A/B {base / med:.2f}x  acc {mean_acc[k]:.2f} %", flush=True)
     if not args.no_save:
-        os.makedirs(args.out, exist_ok=True)
-        csv_path = os.path.join(args.out, "evaluate.csv")
-        write_csv(csv_path, rows)
-        write_markdown(csv_path, os.path.join(args.out, "evaluate.md"),
-                       "Evaluation: reference sequential loop (A) vs fastdd evaluate (B)",
-                       "Time per trained-and-tested ConvNet-3 model on an IPC-n Fashion-MNIST set (first n real "
-                       "images per class), DM protocol. Produced by `python benchmarks/evaluate.py` "
-                       "(`make bench`). A/B > 1: fastdd is faster. The `batch_real` column holds the epochs.",
-                       ("shape", "ipc", "batch_real"), device)
-        print(f"appended to {csv_path}")
+        save_results(args.out, "evaluate", rows, *REPORT, device)
     return 0
 
 

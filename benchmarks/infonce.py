@@ -28,7 +28,6 @@ Results are appended to benchmarks/results/infonce.csv and benchmarks/results/in
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -41,7 +40,6 @@ import _harness as H  # noqa: E402  (also puts the repository root on sys.path)
 
 from fastdd.ops import infonce as ops  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 K = 100
 FLOP_FACTOR = {"fwd": 2, "bwd": 6, "fwd+bwd": 8}
 
@@ -85,8 +83,6 @@ def skip_row(op, provider, mode, size, dtype, device, note):
 
 def run(args) -> list:
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     plan = quick_grid() if args.quick else full_grid()
     rows = []
     ref = functools.partial(ops.infonce_loss_reference, temperature=0.1)
@@ -144,25 +140,14 @@ def run(args) -> list:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="reduced grid and shorter timing budgets")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: float32 on CPU, float32 and bfloat16 on CUDA")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    parser = H.op_parser(__doc__.split("\n")[0], "infonce", quick_help="reduced grid and shorter timing budgets",
+                         dtype_default=None, dtype_help="default: float32 on CPU, float32 and bfloat16 on CUDA")
     parser.add_argument("--dense-budget-gb", type=float, default=2.0,
                         help="CPU: skip dense providers whose three [N, N] fp32 matrices exceed this")
-    parser.add_argument("--results", default=RESULTS, help="folder of infonce.csv / .md (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
+    args = H.parse_op_args(parser, argv)
     if args.dtype is None:
         args.dtype = ["float32"] if args.device == "cpu" else ["float32", "bfloat16"]
-    rows = run(args)
-    csv_path, md_path = os.path.join(args.results, "infonce.csv"), os.path.join(args.results, "infonce.md")
-    H.append_rows(csv_path, rows)
-    H.write_markdown(csv_path, md_path, "InfoNCE (fastdd/ops/infonce.py)")
-    print(f"appended {len(rows)} rows to {csv_path}; wrote {md_path}")
+    H.write_op_results(args, run(args), "infonce", "InfoNCE (fastdd/ops/infonce.py)")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Results are appended to benchmarks/results/lowrank.csv and benchmarks/results/lo
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -35,8 +34,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402  (also puts the repository root on sys.path)
 
 from fastdd.ops import lowrank as ops  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 SIZES = {
     "cifar-500": dict(n=500, c=3, h=32, w=32),
@@ -79,8 +76,6 @@ def providers(device):
 
 def run(args) -> list:
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     sizes = args.sizes or (QUICK_SIZES if args.quick else list(SIZES))
     rows = []
     print(f"device: {H.device_name(device)}; copy bandwidth {H.copy_bandwidth(device):.1f} GB/s", flush=True)
@@ -95,10 +90,7 @@ def run(args) -> list:
                     for name, fn in provs:
                         t0 = time.perf_counter()
                         call = lambda fn=fn, a=a, b=b: fn(a, b)
-                        notes = f"threads={torch.get_num_threads()}" if device.type == "cpu" else ""
-                        if device.type == "cpu" and torch.get_num_threads() == 1:
-                            cpu = H.cpu_time_ms(H.make_call(call, [a, b], mode), runs=5 if args.quick else 15)
-                            notes = f"threads=1; main-thread cpu median {cpu:.3f} ms"
+                        notes = H.cpu_notes(call, [a, b], mode, device, runs=5 if args.quick else 15)
                         row = H.measure(
                             op="lowrank_reconstruct", provider=name, mode=mode, size=label, dtype=dtype,
                             device=device, fn=call, inputs=[a, b],
@@ -106,31 +98,19 @@ def run(args) -> list:
                             min_run_time=0.2 if args.quick else 1.0, notes=notes,
                         )
                         rows.append(row)
-                        print(f"{label:18s} {mode:8s} {name:14s} {row['median_ms']:10.3f} ms "
-                              f"(p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}) {row['gbps']:7.2f} GB/s "
-                              f"({row['bw_fraction']} of copy) peak {row['peak_mem_mb']} MiB "
-                              f"[{time.perf_counter() - t0:.1f}s]", flush=True)
+                        print(f"{label:18s} {mode:8s} {name:14s} {H.timing_text(row)} ({row['bw_fraction']} of copy) "
+                              f"peak {row['peak_mem_mb']} MiB [{time.perf_counter() - t0:.1f}s]", flush=True)
                 del a, b
     return rows
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter timing budgets, CIFAR-500 and ImageNet only")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    parser = H.op_parser(__doc__.split("\n")[0], "lowrank",
+                         quick_help="shorter timing budgets, CIFAR-500 and ImageNet only")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None)
     parser.add_argument("--ranks", nargs="+", type=int, default=[2, 4, 8])
-    parser.add_argument("--results", default=RESULTS, help="folder of lowrank.csv / lowrank.md (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    rows = run(args)
-    csv_path, md_path = os.path.join(args.results, "lowrank.csv"), os.path.join(args.results, "lowrank.md")
-    H.append_rows(csv_path, rows)
-    H.write_markdown(csv_path, md_path, "Low-rank reconstruction (fastdd/ops/lowrank.py)")
-    print(f"appended {len(rows)} rows to {csv_path}; wrote {md_path}")
+    args = H.parse_op_args(parser, argv)
+    H.write_op_results(args, run(args), "lowrank", "Low-rank reconstruction (fastdd/ops/lowrank.py)")
 
 
 if __name__ == "__main__":

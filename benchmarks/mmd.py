@@ -28,7 +28,6 @@ Results are appended to benchmarks/results/mmd.csv and benchmarks/results/mmd.md
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -40,7 +39,6 @@ import _harness as H  # noqa: E402  (also puts the repository root on sys.path)
 
 from fastdd.ops import class_mmd as ops  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BANDWIDTHS = [0.5, 1.0, 2.0]  # features are scaled to unit expected squared norm
 
 SIZES = {
@@ -96,8 +94,6 @@ def providers(op: str, device, size: str):
 
 def run(args) -> list:
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rows = []
     sizes = ["cifar10-ipc50", "cifar10-ipc10", "imagenet1k-ipc10"]
     plan = [("class_mmd", s, m) for s in sizes for m in H.MODES]
@@ -118,42 +114,24 @@ def run(args) -> list:
             for name, fn in providers(op, device, size):
                 t0 = time.perf_counter()
                 call = lambda fn=fn: fn(real, rl, syn, sl, k)  # noqa: E731
-                notes = ""
-                if device.type == "cpu":
-                    notes = f"threads={torch.get_num_threads()}"
-                if device.type == "cpu" and torch.get_num_threads() == 1:
-                    runs = 3 if op != "class_mmd" else (5 if args.quick else 15)
-                    cpu = H.cpu_time_ms(H.make_call(call, [syn], mode), runs=runs)
-                    notes = f"threads={torch.get_num_threads()}; main-thread cpu median {cpu:.3f} ms"
+                notes = H.cpu_notes(call, [syn], mode, device,
+                                    runs=3 if op != "class_mmd" else (5 if args.quick else 15))
                 row = H.measure(
                     op=op, provider=name, mode=mode, size=size, dtype=dtype, device=device, fn=call,
                     inputs=[syn], nbytes=byte_count(size, mode, real.element_size()), quick=args.quick,
                     min_run_time=budget, notes=notes,
                 )
                 rows.append(row)
-                print(f"{op:19s} {size:17s} {mode:8s} {name:14s} {row['median_ms']:10.3f} ms "
-                      f"(p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}) {row['gbps']:7.2f} GB/s "
+                print(f"{op:19s} {size:17s} {mode:8s} {name:14s} {H.timing_text(row)} "
                       f"peak {row['peak_mem_mb']} MiB {notes} [{time.perf_counter() - t0:.1f}s]", flush=True)
     return rows
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter timing budgets")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    parser = H.op_parser(__doc__.split("\n")[0], "mmd", quick_help="shorter timing budgets")
     parser.add_argument("--no-gaussian", action="store_true", help="only the linear (DM) MMD")
-    parser.add_argument("--results", default=RESULTS, help="folder of mmd.csv / mmd.md (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    rows = run(args)
-    csv_path, md_path = os.path.join(args.results, "mmd.csv"), os.path.join(args.results, "mmd.md")
-    H.append_rows(csv_path, rows)
-    H.write_markdown(csv_path, md_path, "Per-class MMD (fastdd/ops/class_mmd.py)")
-    print(f"appended {len(rows)} rows to {csv_path}; wrote {md_path}")
+    args = H.parse_op_args(parser, argv)
+    H.write_op_results(args, run(args), "mmd", "Per-class MMD (fastdd/ops/class_mmd.py)")
 
 
 if __name__ == "__main__":

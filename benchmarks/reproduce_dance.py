@@ -17,7 +17,6 @@ are not recorded.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _harness import environment  # noqa: E402
-from _reproduce import add_common_options, append_rows, fit_timed, table_row  # noqa: E402
+from _reproduce import append_rows, common_parser, fit_timed, table_row  # noqa: E402
 
 from fastdd.data import load_dataset, stratified_subset  # noqa: E402
 from fastdd.evaluate import evaluate_synset, protocol_config  # noqa: E402
@@ -41,8 +40,7 @@ COLUMNS = ["IPC", "factor", "iterations", "eval epochs", "models", "fastdd last 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_options(p, out=None, iterations=10000, batch_real=128, epochs=1500)
+    p = common_parser(__doc__, out=None, iterations=10000, batch_real=128, epochs=1500)
     p.add_argument("--experts", default="runs/reproduce_dance/experts")
     p.add_argument("--pretrain-models", type=int, default=20)
     p.add_argument("--pretrain-epochs", type=int, default=60)

@@ -24,19 +24,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _reproduce import method_parser, run_method  # noqa: E402
+from _reproduce import beside_dm, method_main  # noqa: E402
 
-PUBLISHED = {
-    "cifar10": {1: "DM 26.0; DDM UNVERIFIED (<= +4.1)", 10: "DM 48.9; refactor DM+MM+CM 51.13±0.66; DDM UNVERIFIED",
-                50: "DM 63.0; DDM UNVERIFIED"},
-    "cifar100": {1: "DM 11.4; DDM UNVERIFIED (<= +4.2)", 10: "DM 29.7; refactor DM+MM+CM 30.57±0.37; DDM UNVERIFIED",
-                 50: "DM 43.6; DDM UNVERIFIED"},
-}
+PUBLISHED = beside_dm({
+    "cifar10": {1: "DDM UNVERIFIED (<= +4.1)", 10: "refactor DM+MM+CM 51.13±0.66; DDM UNVERIFIED", 50: "DDM UNVERIFIED"},
+    "cifar100": {1: "DDM UNVERIFIED (<= +4.2)", 10: "refactor DM+MM+CM 30.57±0.37; DDM UNVERIFIED",
+                 50: "DDM UNVERIFIED"},
+})
 
 
 def main(argv=None) -> int:
-    args = method_parser(__doc__.split("\n")[0], "runs/reproduce_ddm", "cifar10").parse_args(argv)
-    return run_method("ddm", PUBLISHED, "reproduce_ddm.md", "DDM: fastdd vs published (reproduce_ddm.py)", args)
+    return method_main("ddm", "cifar10", PUBLISHED, "DDM: fastdd vs published (reproduce_ddm.py)", __doc__, argv)
 
 
 if __name__ == "__main__":

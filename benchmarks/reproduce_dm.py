@@ -19,14 +19,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _reproduce import method_parser, run_method  # noqa: E402
+from _reproduce import method_main  # noqa: E402
 
 PUBLISHED = {"fashion-mnist": {1: "70.7 ± 0.6", 10: "83.5 ± 0.3", 50: "88.1 ± 0.6"}}
 
 
 def main(argv=None) -> int:
-    args = method_parser(__doc__.split("\n")[0], "runs/reproduce_dm", "fashion-mnist").parse_args(argv)
-    return run_method("dm", PUBLISHED, "reproduce_dm.md", "DM: fastdd vs published (reproduce_dm.py)", args)
+    return method_main("dm", "fashion-mnist", PUBLISHED, "DM: fastdd vs published (reproduce_dm.py)", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ no result.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -40,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import environment  # noqa: E402
-from _reproduce import add_common_options, append_rows, fit_timed, table_row  # noqa: E402
+from _reproduce import append_rows, common_parser, fit_timed, table_row  # noqa: E402
 
 from fastdd.data import load_dataset, stratified_subset  # noqa: E402
 from fastdd.evaluate import EvalConfig, evaluate_synset  # noqa: E402
@@ -64,10 +63,9 @@ COLUMNS = ["setting", "rank", "images/class", "stored / plain floats", "iteratio
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common_parser(__doc__, out="runs/reproduce_lowrank", ipc=None)
     p.add_argument("--setting", nargs="+", default=["fmnist-1", "fmnist-10", "cifar10-1", "cifar10-10"],
                    choices=sorted(SETTINGS))
-    add_common_options(p, out="runs/reproduce_lowrank", ipc=None)
     p.add_argument("--rank-rounding", default="code", choices=("code", "readme"))
     p.add_argument("--smoke", action="store_true", help="trivial Fashion-MNIST budget to check the pipeline")
     args = p.parse_args(argv)

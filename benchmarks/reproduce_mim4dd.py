@@ -16,19 +16,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _reproduce import method_parser, run_method  # noqa: E402
+from _reproduce import beside_dm, method_main  # noqa: E402
 
-PUBLISHED = {
-    "cifar10": {1: "DM 26.0; MTT 46.3; MIM4DD UNVERIFIED", 10: "DM 48.9; MTT 65.3; MIM4DD UNVERIFIED",
-                50: "DM 63.0; MTT 71.6; MIM4DD UNVERIFIED"},
-    "cifar100": {1: "DM 11.4; MTT 24.3; MIM4DD UNVERIFIED", 10: "DM 29.7; MTT 40.1; MIM4DD UNVERIFIED",
-                 50: "DM 43.6; MTT 47.7; MIM4DD UNVERIFIED"},
-}
+MTT = {"cifar10": {1: "46.3", 10: "65.3", 50: "71.6"}, "cifar100": {1: "24.3", 10: "40.1", 50: "47.7"}}
+PUBLISHED = beside_dm({ds: {ipc: f"MTT {acc}; MIM4DD UNVERIFIED" for ipc, acc in accs.items()} for ds, accs in MTT.items()})
 
 
 def main(argv=None) -> int:
-    args = method_parser(__doc__.split("\n")[0], "runs/reproduce_mim4dd", "cifar10").parse_args(argv)
-    return run_method("mim4dd", PUBLISHED, "reproduce_mim4dd.md", "MIM4DD (DM + mim add-on): fastdd vs published", args)
+    return method_main("mim4dd", "cifar10", PUBLISHED, "MIM4DD (DM + mim add-on): fastdd vs published", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from torch.func import functional_call, stack_module_state
 from .augment import DSA, dsa_strategy_for
 from .compile import Compiled, cache_rows, check_compile_mode, should_compile
 from .data import ClassSampler, ImageDataset
-from .models import get_model
+from .models import get_model, has_batchnorm
 from .validation import check_labels, check_positive_int, check_tensor
 
 
@@ -107,10 +107,6 @@ def idc_strategy_for(dataset_name: str) -> str:
         "color_crop_flip_scale_rotate"
 
 
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 class StackedModels:
     """M networks of one architecture evaluated as one: ``forward(x [M, B, C, H, W]) -> [M, B, K]``."""
 
@@ -119,10 +115,10 @@ class StackedModels:
         device = next(self.models[0].parameters()).device
         if vectorise is None:  # grouped convolutions are fast on GPUs, slow in oneDNN's CPU backward
             vectorise = device.type == "cuda"
-        self.vectorised = vectorise and not _has_batchnorm(self.models[0])
+        self.vectorised = vectorise and not has_batchnorm(self.models[0])
         # model loop: one compiled graph (parameters as inputs) serves every model; BatchNorm's running
         # statistics would be mutated graph inputs, so BN networks stay eager
-        self.compiled = compile and not self.vectorised and not _has_batchnorm(self.models[0])
+        self.compiled = compile and not self.vectorised and not has_batchnorm(self.models[0])
         self.channels_last = device.type == "cpu"  # oneDNN's fast layout for the no-grad test forward
         if self.compiled:
             self.base = copy.deepcopy(self.models[0]).to("meta")
@@ -265,66 +261,47 @@ def train_stacked(
     model_seeds: Sequence[int],
     generator: torch.Generator,
     progress: bool = False,
+    protocol: str = "dm",
 ) -> torch.Tensor:
-    """Train M = len(model_seeds) fresh models, model m on ``train_images[m]``; return test accuracies [M].
+    """Train M = len(model_seeds) fresh models, model m on ``train_images[m]``, with the training loop of
+    ``protocol`` (module docstring; ``cfg.protocol`` is not consulted); return test accuracies: [M] after
+    the last epoch ("dm"), or [M, P] at the P checkpoints ("idc": every ``eval_every`` epochs and the last
+    epoch).
 
     train_images [M, N, C, H, W] (may be an expanded view of one set), train_labels [M, N],
     test_images [T, C, H, W], test_labels [T]. Accuracies are fractions in [0, 1]. ``progress``: a tqdm
     bar over models x epochs.
     """
     m_models, n = train_images.shape[:2]
-    lrs = epoch_learning_rates(cfg)
+    if protocol == "idc":
+        from .idc import IDCAugment, cutmix, cutmix_loss, multistep_lr
+
+        lrs = [multistep_lr(cfg.lr, epoch, cfg.epochs) for epoch in range(cfg.epochs)]
+        every, n_checkpoints = cfg.eval_every, (cfg.epochs // cfg.eval_every if cfg.eval_every else 0) + 1
+        aug = IDCAugment(cfg.dsa_strategy or idc_strategy_for(dataset_name)) if cfg.dsa else None
+        augment, desc = None if aug is None else aug.per_sample, f"evaluate {m_models} models (idc)"
+
+        def loss_fn(net, x, y):
+            x, ya, yb, lam = cutmix(x, y, generator, cfg.cutmix_p)
+            return cutmix_loss(net(x), ya, yb, lam)
+    else:
+        lrs = epoch_learning_rates(cfg)
+        every, n_checkpoints = 0, 1
+        dsa = DSA(cfg.dsa_strategy or dsa_strategy_for(dataset_name)) if cfg.dsa else None
+        augment, desc = None if dsa is None else dsa.per_sample, f"evaluate {m_models} models"
+
+        def loss_fn(net, x, y):  # sum over models of each model's mean loss: independent gradients per model
+            logits = net(x)  # [M, b, K]
+            return F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1), reduction="sum") / x.shape[1]
     net = fresh_models(cfg, model_seeds, train_images.shape[2], num_classes, tuple(train_images.shape[3:]),
-                       train_images.device, calls=_work(m_models, n, len(lrs), test_images, checkpoints=1))
-    dsa = DSA(cfg.dsa_strategy or dsa_strategy_for(dataset_name)) if cfg.dsa else None
-
-    def loss_fn(net, x, y):  # sum over models of each model's mean loss: independent gradients per model
-        logits = net(x)  # [M, b, K]
-        return F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1), reduction="sum") / x.shape[1]
-
-    with _progress(m_models * len(lrs), progress, f"evaluate {m_models} models") as bar:
-        for _ in _fit(net, train_images, train_labels, cfg, generator, lrs=lrs, reset_on_decay=True,
-                      augment=None if dsa is None else dsa.per_sample, loss_fn=loss_fn, bar=bar):
-            pass
-    return accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size)
-
-
-def train_stacked_idc(
-    train_images: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_images: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int,
-    cfg: EvalConfig,
-    *,
-    dataset_name: str = "",
-    model_seeds: Sequence[int],
-    generator: torch.Generator,
-    progress: bool = False,
-) -> torch.Tensor:
-    """The IDC protocol (module docstring) for M stacked models; returns test accuracies [M, P] at the P
-    checkpoints (every ``eval_every`` epochs and the last epoch). Shapes as :func:`train_stacked`."""
-    from .idc import IDCAugment, cutmix, cutmix_loss, multistep_lr
-
-    m_models, n = train_images.shape[:2]
-    net = fresh_models(cfg, model_seeds, train_images.shape[2], num_classes, tuple(train_images.shape[3:]),
-                       train_images.device,
-                       calls=_work(m_models, n, cfg.epochs, test_images,
-                                   checkpoints=(cfg.epochs // cfg.eval_every if cfg.eval_every else 0) + 1))
-    aug = IDCAugment(cfg.dsa_strategy or idc_strategy_for(dataset_name)) if cfg.dsa else None
-
-    def loss_fn(net, x, y):
-        x, ya, yb, lam = cutmix(x, y, generator, cfg.cutmix_p)
-        return cutmix_loss(net(x), ya, yb, lam)
-
-    lrs = [multistep_lr(cfg.lr, epoch, cfg.epochs) for epoch in range(cfg.epochs)]
+                       train_images.device, calls=_work(m_models, n, len(lrs), test_images, n_checkpoints))
     checkpoints = []
-    with _progress(m_models * cfg.epochs, progress, f"evaluate {m_models} models (idc)") as bar:
-        for epoch in _fit(net, train_images, train_labels, cfg, generator, lrs=lrs, reset_on_decay=False,
-                          augment=None if aug is None else aug.per_sample, loss_fn=loss_fn, bar=bar):
-            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.epochs:
+    with _progress(m_models * len(lrs), progress, desc) as bar:
+        for epoch in _fit(net, train_images, train_labels, cfg, generator, lrs=lrs, reset_on_decay=protocol != "idc",
+                          augment=augment, loss_fn=loss_fn, bar=bar):
+            if (every and (epoch + 1) % every == 0) or epoch + 1 == len(lrs):
                 checkpoints.append(accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size))
-    return torch.stack(checkpoints, dim=1)
+    return torch.stack(checkpoints, dim=1) if protocol == "idc" else checkpoints[0]
 
 
 def default_test_batch(images: torch.Tensor) -> int:
@@ -333,11 +310,6 @@ def default_test_batch(images: torch.Tensor) -> int:
     if images.device.type != "cpu":
         return 1000
     return cache_rows(128 * 32 * 32 * 4)
-
-
-#: Training loop of each protocol (a module-level function, looked up by name at call time so it can be
-#: patched): returns accuracies [M] (last epoch) or [M, P] (per checkpoint).
-_TRAINERS = {"dm": "train_stacked", "idc": "train_stacked_idc"}
 
 
 @torch.no_grad()
@@ -474,10 +446,9 @@ def evaluate_synset(
     else:
         parts = [(torch.cat(sets_x), torch.cat(sets_y), seeds)]
     test_x, test_y = test_set.images.to(device), test_set.labels.to(device)
-    trainer = globals()[_TRAINERS[cfg.protocol]]
     accs = torch.cat([
-        trainer(x, y, test_x, test_y, k, cfg, dataset_name=test_set.name, model_seeds=s, generator=generator,
-                progress=progress)
+        train_stacked(x, y, test_x, test_y, k, cfg, dataset_name=test_set.name, model_seeds=s, generator=generator,
+                      progress=progress, protocol=cfg.protocol)
         for x, y, s in parts
     ])
     ckpts = None

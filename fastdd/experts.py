@@ -96,8 +96,7 @@ def model_generator(seed: int, i: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
 
 
-def train_epoch(net, optimizer, images, labels, num_classes, cfg: PretrainConfig, aug: IDCAugment,
-                generator: torch.Generator) -> float:
+def train_epoch(net, optimizer, images, labels, cfg: PretrainConfig, aug: IDCAugment, generator: torch.Generator) -> float:
     """One pass over (images [N, C, H, W], labels [N]) in random order; returns the mean batch loss."""
     n = images.shape[0]
     order = torch.rand(n, generator=generator, device=generator.device).argsort().to(images.device)
@@ -172,7 +171,7 @@ def pretrain_experts(train: ImageDataset, cfg: PretrainConfig, out_dir, *, devic
         while epoch < cfg.epochs:
             for group in optimizer.param_groups:
                 group["lr"] = multistep_lr(cfg.lr, epoch, cfg.epochs, cfg.gamma)
-            loss = train_epoch(net, optimizer, data.images, data.labels, data.num_classes, cfg, aug, g)
+            loss = train_epoch(net, optimizer, data.images, data.labels, cfg, aug, g)
             epoch += 1
             save_atomic({"model_index": i, "epoch": epoch, "model": net.state_dict(),
                          "optimizer": optimizer.state_dict(), "generator": g.get_state()}, state_path)
@@ -242,18 +241,3 @@ def load_experts(out_dir, count: int, device="cpu") -> Tuple[dict, List[Tuple[di
         pairs.append(tuple({k: v.to(device) for k, v in load_checkpoint(out / name).items()}
                            for name in (init_file(i), trained_file(i))))
     return meta, pairs
-
-
-@torch.no_grad()
-def expert_accuracy(state: dict, meta: dict, test: ImageDataset, device="cpu", batch_size: int = 1000) -> float:
-    """Test accuracy (fraction) of one expert state dict on ``test``."""
-    net = get_model(meta["model"], meta["channels"], meta["num_classes"], tuple(meta["image_size"]),
-                    generator=torch.Generator().manual_seed(0)).to(device)
-    net.load_state_dict(state)
-    net.eval()
-    hits = 0
-    for start in range(0, len(test), batch_size):
-        x = test.images[start:start + batch_size].to(device)
-        hits += int((net(x).argmax(1) == test.labels[start:start + batch_size].to(device)).sum())
-    return hits / len(test)
-

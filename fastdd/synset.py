@@ -120,17 +120,3 @@ def image_grid(images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float]
                 arr = np.repeat(arr, 3, axis=2)
             canvas.paste(Image.fromarray(np.ascontiguousarray(arr[:, :, :3])), (label_width + pad + col * (cw + pad), y))
     return canvas
-
-
-def ensure_writable(out_dir: str | os.PathLike, force: bool, resume: bool = False) -> Path:
-    """Refuse to overwrite an existing run in ``out_dir`` unless ``force`` (or ``resume``) is given."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out: {out} exists and is not a directory")
-    existing = [n for n in (SYNSET_FILE, "checkpoint.pt", CONFIG_FILE) if (out / n).exists()]
-    if existing and not (force or resume):
-        raise FileExistsError(
-            f"--out: {out} already holds a run ({', '.join(existing)}); pass --force to overwrite it "
-            f"or --resume to continue it"
-        )
-    return out

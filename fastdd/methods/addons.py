@@ -31,6 +31,3 @@ def build_addons(method) -> dict:
     """The add-ons switched on by ``method.config``, by name."""
     return {name: factory(method) for name, (enabled, factory) in _FACTORIES.items() if enabled(method.config)}
 
-
-def addon_names() -> list:
-    return sorted(_FACTORIES)

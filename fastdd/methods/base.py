@@ -29,7 +29,9 @@ from typing import Callable, Optional
 
 import torch
 
+from ..augment import DSA, dsa_strategy_for
 from ..data import ClassSampler, ImageDataset
+from ..models import get_model
 from ..plugins import config_classes, validate_plugins
 from ..validation import check_labels, check_positive_int, check_tensor
 
@@ -161,6 +163,20 @@ class Method:
         c, (h, w) = self.dataset.channels, self.dataset.image_size
         return LowRankImages.from_noise(self.num_classes * self.images_per_class, c, h, w, cfg.rank,
                                         self.generator, device=self.device)
+
+    def _network(self) -> torch.nn.Module:
+        """A fresh ``config.model`` for the dataset, initialised from the run's generator, on the device,
+        in train mode."""
+        ds = self.dataset
+        net = get_model(self.config.model, ds.channels, self.num_classes, ds.image_size,
+                        generator=self.generator).to(self.device)
+        net.train()
+        return net
+
+    def _augmentation(self) -> Optional[DSA]:
+        """The matching augmentation: DSA with ``dsa_strategy`` (default: the dataset's), None if ``dsa`` is off."""
+        cfg = self.config
+        return DSA(cfg.dsa_strategy or dsa_strategy_for(self.dataset.name)) if cfg.dsa else None
 
     @property
     def images(self) -> torch.Tensor:

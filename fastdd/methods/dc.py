@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from ..augment import DSA, dsa_strategy_for
 from ..matchers.gradient import DISTANCES, gradient_distance
-from ..models import get_model, init_parameters
+from ..models import has_batchnorm, init_parameters
 from .base import Method, MethodConfig
 from .registry import register
 
@@ -121,10 +120,6 @@ def per_class_gradients_loop(net: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     return [torch.stack([g[i] for g in per_class]) for i in range(len(params))]
 
 
-def _has_batchnorm(net: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
-
-
 @register("dc")
 class DC(Method):
     """Gradient matching (see module docstring); ``dsa`` is the same class with augmentation on."""
@@ -133,14 +128,10 @@ class DC(Method):
 
     def __init__(self, config: DCConfig, dataset, device="cpu"):
         super().__init__(config, dataset, device)
-        ds = self.dataset
         self.outer_loop, self.inner_loop = config.loops()
-        self.net = get_model(config.model, ds.channels, self.num_classes, ds.image_size,
-                             generator=self.generator).to(self.device)
-        self.net.train()
-        strategy = config.dsa_strategy or dsa_strategy_for(ds.name)
-        self.dsa = DSA(strategy) if config.dsa else None
-        self.batched = config.batched_grads and not _has_batchnorm(self.net)
+        self.net = self._network()
+        self.dsa = self._augmentation()
+        self.batched = config.batched_grads and not has_batchnorm(self.net)
 
     def gradients(self, x, y, create_graph):
         """Per-class gradients ``[K, *p.shape]`` per parameter (batched or the per-class loop)."""

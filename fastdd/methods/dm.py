@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..augment import DSA, dsa_strategy_for
 from ..compile import attach_embedder, cache_rows, check_compile_mode
 from ..matchers import MMDMatcher
-from ..models import embed_with_taps, get_model, init_parameters
+from ..models import embed_with_taps, init_parameters
 from .base import Method, MethodConfig
 from .registry import register
 
@@ -144,14 +143,10 @@ class DM(Method):
 
     def __init__(self, config: DMConfig, dataset, device="cpu"):
         super().__init__(config, dataset, device)
-        ds = self.dataset
-        self.net = get_model(config.model, ds.channels, self.num_classes, ds.image_size,
-                             generator=self.generator).to(self.device)
-        self.net.train()
+        self.net = self._network()
         for p in self.net.parameters():
             p.requires_grad_(False)
-        strategy = config.dsa_strategy or dsa_strategy_for(ds.name)
-        self.dsa = DSA(strategy) if config.dsa else None
+        self.dsa = self._augmentation()
         self.matcher = MMDMatcher(validate=False)  # labels checked once when the method is built
         self.real_chunk = default_real_chunk(self.device, self.net) if config.real_chunk < 0 else config.real_chunk
         check_compile_mode(config.compile)

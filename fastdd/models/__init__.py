@@ -31,8 +31,9 @@ module whose ``forward`` calls ``embed`` (parameter names then gain the wrapper'
 from .convnet import ConvNet
 from .init import init_parameters
 from .mlp import MLP
-from .registry import get_model, model_names
+from .registry import get_model, has_batchnorm, model_names
 from .resnet import ResNet18
 from .taps import embed_with_taps
 
-__all__ = ["ConvNet", "ResNet18", "MLP", "get_model", "model_names", "init_parameters", "embed_with_taps"]
+__all__ = ["ConvNet", "ResNet18", "MLP", "get_model", "has_batchnorm", "model_names", "init_parameters",
+           "embed_with_taps"]

@@ -60,6 +60,11 @@ _REGISTRY: Dict[str, Tuple[Callable[..., nn.Module], Dict[str, Any]]] = {
 }
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a BatchNorm layer (its samples are then not independent of each other)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def model_names() -> List[str]:
     """All names accepted by :func:`get_model`, in registry order."""
     return list(_REGISTRY)

@@ -41,30 +41,23 @@ args.dsa = args.method == "DSA"
 
 channel, im_size, num_classes, class_names, mean, std, dst_train, dst_test, testloader = get_dataset(args.dataset, args.data_path)
 model_eval_pool = get_eval_pool(args.eval_mode, args.model, args.model)
-images_all = torch.cat([torch.unsqueeze(dst_train[i][0], dim=0) for i in range(len(dst_train))])
-labels_all = [int(dst_train[i][1]) for i in range(len(dst_train))]
-indices_class = [[] for _ in range(num_classes)]
-for i, lab in enumerate(labels_all):
-    indices_class[lab].append(i)
-rng = np.random.RandomState(0)
+images_all, labels_all = next(iter(torch.utils.data.DataLoader(dst_train, batch_size=len(dst_train))))
+indices_class = [torch.where(labels_all == c)[0] for c in range(num_classes)]
+torch.manual_seed(0)
 
 
-def get_images(c, n):
-    return images_all[rng.permutation(indices_class[c])[:n]]
+def get_images(c, n):  # n random real images of class c
+    return images_all[indices_class[c][torch.randperm(len(indices_class[c]))[:n]]]
 
 
-image_syn = torch.cat([get_images(c, args.ipc) for c in range(num_classes)]).detach().clone().requires_grad_(True)
-label_syn = torch.tensor(np.repeat(np.arange(num_classes), args.ipc))
+image_syn = torch.randn(num_classes * args.ipc, channel, *im_size, requires_grad=True)
+for c in range(num_classes):  # initialise from real images
+    image_syn.data[c * args.ipc:(c + 1) * args.ipc] = get_images(c, args.ipc).detach().data
+label_syn = torch.tensor(np.array([np.ones(args.ipc) * i for i in range(num_classes)]), dtype=torch.long).view(-1)
 optimizer_img = torch.optim.SGD([image_syn], lr=args.lr_img, momentum=0.5)
 criterion = nn.CrossEntropyLoss()
 args.dc_aug_param = get_daparam(args.dataset, args.model, args.model, args.ipc)
-for it in range(args.Iteration + 1):
-    if it == args.Iteration:
-        for model_eval in model_eval_pool:
-            net_eval = get_network(model_eval, channel, num_classes, im_size, seed=0)
-            _, acc_train, acc_test = evaluate_synset(0, net_eval, image_syn.detach(), label_syn, testloader, args)
-            print(f"ACCURACY {model_eval} {acc_test:.4f}")
-        break
+for it in range(args.Iteration):
     net = get_network(args.model, channel, num_classes, im_size, seed=it)
     net_parameters = list(net.parameters())
     optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
@@ -75,8 +68,8 @@ for it in range(args.Iteration + 1):
             lab_real = torch.full((img_real.shape[0],), c, dtype=torch.long)
             img_syn = image_syn[c * args.ipc:(c + 1) * args.ipc]
             lab_syn = torch.full((args.ipc,), c, dtype=torch.long)
-            if args.dsa:
-                seed = int(rng.randint(1 << 30))
+            if args.dsa:  # the same augmentation for both sides
+                seed = int(torch.randint(1 << 30, ()))
                 img_real = DiffAugment(img_real, args.dsa_strategy, seed=seed, param=args.dsa_param)
                 img_syn = DiffAugment(img_syn, args.dsa_strategy, seed=seed, param=args.dsa_param)
             gw_real = [g.detach() for g in torch.autograd.grad(criterion(net(img_real), lab_real), net_parameters)]
@@ -92,3 +85,8 @@ for it in range(args.Iteration + 1):
         for _ in range(args.inner_loop):
             epoch("train", trainloader, net, optimizer_net, criterion, args, aug=args.dsa)
     print(f"iter {it} loss {float(loss) / num_classes:.4f}")
+
+for model_eval in model_eval_pool:  # train fresh networks on the final set, test them
+    net_eval = get_network(model_eval, channel, num_classes, im_size, seed=0)
+    _, acc_train, acc_test = evaluate_synset(0, net_eval, image_syn.detach(), label_syn, testloader, args)
+    print(f"ACCURACY {model_eval} {acc_test:.4f}")
