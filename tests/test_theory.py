@@ -8,6 +8,7 @@ from fastdd.theory import (
     make_setting,
     make_task,
     network_output,
+    stage1,
     stage1_direction,
     threshold,
 )
@@ -54,3 +55,17 @@ def test_reproducible_from_seed():
     cfg = StudyConfig(n_test=1000, n2=1000, gm_steps=50, gm_restarts=1)
     a = [get_variant("A").run(make_setting(16, 1, 3, cfg), 2, torch.Generator().manual_seed(5)).nmse for _ in range(2)]
     assert a[0] == a[1]
+
+
+def test_good_reference_uses_40_d2_samples_in_chunks():
+    # spec §6.4: variant B's stage 1 needs n1 >= 40 d^2 (1e5 samples give rho ~ 0.65 at d = 64)
+    cfg = StudyConfig(n1_good=1000, n_test=500, n2=500, width=32)
+    s = make_setting(8, 2, 0, cfg)
+    assert s.n1_good == 40 * 8 * 8
+    good = s.good_reference(chunk=700)  # 2560 samples in chunks of 700, 700, 700, 460
+    gen = torch.Generator().manual_seed(10_000 + s.seed)
+    parts = [s.task.sample(k, gen) for k in (700, 700, 700, 460)]
+    X = torch.cat([p[0] for p in parts])
+    y = torch.cat([p[1] for p in parts])
+    assert torch.allclose(good.W1, stage1(s.net, X, y), atol=1e-12)
+    assert make_setting(8, 2, 0, StudyConfig(n1_good=5000, width=32)).n1_good == 5000
