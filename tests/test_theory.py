@@ -69,3 +69,19 @@ def test_good_reference_uses_40_d2_samples_in_chunks():
     y = torch.cat([p[1] for p in parts])
     assert torch.allclose(good.W1, stage1(s.net, X, y), atol=1e-12)
     assert make_setting(8, 2, 0, StudyConfig(n1_good=5000, width=32)).n1_good == 5000
+
+
+def test_variant_a_sizes_batched_equals_separate_runs():
+    # all sizes optimised together (padded, masked) follow each set's own trajectory
+    from fastdd.theory.variants import _batched_init, run_gm_sizes
+
+    cfg = StudyConfig(n_test=1000, n2=1000, gm_steps=60, gm_restarts=2)
+    s = make_setting(16, 2, 0, cfg)
+    both = run_gm_sizes(s, [2, 3], torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    _batched_init(s, 2, cfg.gm_restarts, g)  # the size-2 draws come first in the batched run
+    alone = run_gm_sizes(s, [3], g)[0]
+    assert [o.m for o in both] == [2, 3] and both[1].X.shape == (3, 16)
+    torch.testing.assert_close(both[1].X, alone.X, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(both[1].y, alone.y, rtol=1e-9, atol=1e-11)
+    assert abs(both[1].nmse - alone.nmse) <= 1e-9
