@@ -74,6 +74,10 @@ def parse(argv=None):
     p.add_argument("--link", default="quadratic", choices=["quadratic", "diag"])
     p.add_argument("--all-sizes", action="store_true", help="do not stop at m*")
     p.add_argument("--out", default=os.path.join(RESULTS, "multi_index"), help="output path without extension")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new (d, r, seed) cell after this many minutes; summarise the cells done")
+    p.add_argument("--from-csv", default=None,
+                   help="run nothing: rebuild the .md, the verdicts and the plots from a CSV this script wrote")
     a = p.parse_args(argv)
     q = a.quick
     a.d = a.d or ([16, 32] if q else [16, 32, 64])
@@ -89,6 +93,9 @@ def parse(argv=None):
 
 
 def run(a) -> list:
+    t0 = time.perf_counter()
+    cells = [(d, r, seed) for d in a.d for r in a.r if r <= d for seed in range(a.seeds)]
+    a.cells_done, a.cells_total = 0, len(cells)
     cfg = StudyConfig(width=a.width, link=a.link, gm_steps=a.gm_steps, gm_restarts=a.gm_restarts, pm_steps=a.pm_steps,
                       n1_good=20000 if a.quick else 100000, n_test=4000 if a.quick else 10000)
     rows = []
@@ -97,6 +104,9 @@ def run(a) -> list:
             if r > d:
                 continue
             for seed in range(a.seeds):
+                if a.max_minutes is not None and time.perf_counter() - t0 > 60 * a.max_minutes:
+                    return rows
+                a.cells_done += 1
                 s = make_setting(d, r, seed, cfg)
                 for name in a.variants:
                     v = get_variant(name)
@@ -151,18 +161,37 @@ def fmt(x, spec=".4g"):
     return "–" if isinstance(x, float) and not math.isfinite(x) else format(x, spec)
 
 
-def write(a, rows, summary, crit, info, elapsed):
+def header(info, elapsed, a) -> str:
+    """One line: machine, date, commit, wall time (and how much of the grid ran, when cut)."""
+    h = (f"{info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), torch {info['torch']}, "
+         f"{info['date']}, commit {info['commit']}. Wall time {elapsed / 60:.1f} min.")
+    if getattr(a, "cells_done", None) is not None and a.cells_done < a.cells_total:
+        h += f" Stopped after {a.cells_done} of {a.cells_total} (d, r, seed) cells (--max-minutes {a.max_minutes})."
+    return h
+
+
+def read_csv(path: str):
+    """Rows and header line of a CSV written by :func:`write`."""
+    ints, texts = {"d", "r", "seed", "m", "memory"}, {"variant", "cosines"}
+    with open(path) as f:
+        first = f.readline()
+        if not first.startswith("# machine: "):
+            raise ValueError(f"{path}: not a multi_index CSV (no '# machine:' line)")
+        rows = [{k: (v if k in texts else int(v) if k in ints else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+    return rows, first[len("# machine: "):].strip()
+
+
+def write(a, rows, summary, crit, head):
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".csv", "w", newline="") as f:
-        f.write(f"# machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}, "
-                f"commit {info['commit']}\n")
+        f.write(f"# machine: {head.split(' Rebuilt from ')[0]}\n")
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for row in rows:
             w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in FIELDS})
     lines = ["# Theory check: distilling multi-index tasks", "",
-             f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), torch {info['torch']}, "
-             f"{info['date']}, commit {info['commit']}. Wall time {elapsed / 60:.1f} min.", "",
+             f"Machine: {head}", "",
              f"Command: `python benchmarks/multi_index.py {' '.join(sys.argv[1:])}`", "",
              f"Grid: d {a.d}, r {a.r}, seeds {a.seeds}, variants {a.variants} (C on d {a.c_d}, r {a.c_r}, "
              f"{a.c_seeds} seed(s)); "
@@ -256,12 +285,18 @@ def plot(a, rows, summary):
 def main(argv=None) -> int:
     a = parse(argv)
     t0 = time.perf_counter()
-    info = machine()
-    rows = run(a)
+    if a.from_csv:
+        rows, head = read_csv(a.from_csv)
+        head += f" Rebuilt from {os.path.basename(a.from_csv)} by --from-csv."
+    else:
+        info = machine()
+        rows = run(a)
     summary = summarise(rows)
     crit = criteria(summary, a.d, a.r)
     elapsed = time.perf_counter() - t0
-    write(a, rows, summary, crit, info, elapsed)
+    if not a.from_csv:
+        head = header(info, elapsed, a)
+    write(a, rows, summary, crit, head)
     plot(a, rows, summary)
     for c in crit:
         print(f"{c['name']}: {c['verdict']}  {c['value']}  ({c['note']})")
