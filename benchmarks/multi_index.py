@@ -269,10 +269,12 @@ def plot(a, rows, summary):
         plt.close(fig)
     # subspace energy at m*
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    found = [s for s in summary if s["variant"] in ("A", "C") and math.isfinite(s["m_star"])]
+    xs = sorted({(s["d"], s["r"]) for s in found})  # one shared axis of (d, r) cells for both variants
     for v in ("A", "C"):
-        ss = [s for s in summary if s["variant"] == v and math.isfinite(s["m_star"])]
-        ax.plot(range(len(ss)), [s["energy"] for s in ss], "o", label=v)
-        ax.set_xticks(range(len(ss)), [f"{s['d']},{s['r']}" for s in ss], rotation=90, fontsize=6)
+        ss = [s for s in found if s["variant"] == v]
+        ax.plot([xs.index((s["d"], s["r"])) for s in ss], [s["energy"] for s in ss], "o", label=v)
+    ax.set_xticks(range(len(xs)), [f"{d},{r}" for d, r in xs], rotation=90, fontsize=6)
     ax.axhline(0.9, color="k", ls="--", lw=0.8)
     ax.set_ylabel("E_U at m*")
     ax.set_xlabel("(d, r)")
