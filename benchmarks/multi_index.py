@@ -3,8 +3,9 @@
     python benchmarks/multi_index.py            # full grid of spec §6.2
     python benchmarks/multi_index.py --quick    # CI-sized subset (a minute or two)
 
-For each (d, r, seed) cell and variant A–D it distils sets of increasing size m (stopping, unless
-``--all-sizes``, at the first m that meets the m* rule of spec §6.3), and writes
+For each (d, r, seed) cell and variant A–D it distils sets of increasing size m (B and C stop, unless
+``--all-sizes``, at the first m that meets the m* rule of spec §6.3; A optimises all its sizes in one
+batched run, exactly equivalent to separate runs, so it reports every size), and writes
 ``benchmarks/results/multi_index.{csv,md}`` (+ PNG plots when matplotlib is installed). It prints the
 pass criteria P1–P6 of spec §6.4 with their measured values; the verdicts are findings and the script
 exits 0 whatever they are.
@@ -30,6 +31,7 @@ if _ROOT not in sys.path:
 
 from fastdd.theory import StudyConfig, criteria, get_variant, loglog_slope, make_setting, threshold  # noqa: E402
 from fastdd.theory.study import median  # noqa: E402
+from fastdd.theory.variants import run_gm_sizes  # noqa: E402
 
 RESULTS = os.path.join(_ROOT, "benchmarks", "results")
 FIELDS = ["variant", "d", "r", "seed", "m", "memory", "nmse", "nmse_fresh", "nmse_random", "nmse_ref", "threshold",
@@ -47,7 +49,7 @@ def machine() -> dict:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=_ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
@@ -64,6 +66,7 @@ def parse(argv=None):
     p.add_argument("--variants", nargs="+", default=["A", "B", "C", "D"])
     p.add_argument("--c-d", type=int, nargs="+", default=None, help="d values for variant C (full: 16 32)")
     p.add_argument("--c-r", type=int, nargs="+", default=None, help="r values for variant C (full: 1 2 4)")
+    p.add_argument("--c-seeds", type=int, default=None, help="seeds 0..N-1 for variant C (full: 1)")
     p.add_argument("--gm-steps", type=int, default=None)
     p.add_argument("--gm-restarts", type=int, default=None)
     p.add_argument("--pm-steps", type=int, default=None)
@@ -71,6 +74,10 @@ def parse(argv=None):
     p.add_argument("--link", default="quadratic", choices=["quadratic", "diag"])
     p.add_argument("--all-sizes", action="store_true", help="do not stop at m*")
     p.add_argument("--out", default=os.path.join(RESULTS, "multi_index"), help="output path without extension")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new (d, r, seed) cell after this many minutes; summarise the cells done")
+    p.add_argument("--from-csv", default=None,
+                   help="run nothing: rebuild the .md, the verdicts and the plots from a CSV this script wrote")
     a = p.parse_args(argv)
     q = a.quick
     a.d = a.d or ([16, 32] if q else [16, 32, 64])
@@ -78,6 +85,7 @@ def parse(argv=None):
     a.seeds = a.seeds or 1 if q else (a.seeds or 3)
     a.c_d = a.c_d or ([16] if q else [16, 32])
     a.c_r = a.c_r or ([1, 2] if q else [1, 2, 4])
+    a.c_seeds = min(a.c_seeds or 1, a.seeds)
     a.gm_steps = a.gm_steps or (400 if q else 2000)
     a.gm_restarts = a.gm_restarts or (2 if q else 3)
     a.pm_steps = a.pm_steps or (200 if q else 1000)
@@ -85,6 +93,9 @@ def parse(argv=None):
 
 
 def run(a) -> list:
+    t0 = time.perf_counter()
+    cells = [(d, r, seed) for d in a.d for r in a.r if r <= d for seed in range(a.seeds)]
+    a.cells_done, a.cells_total = 0, len(cells)
     cfg = StudyConfig(width=a.width, link=a.link, gm_steps=a.gm_steps, gm_restarts=a.gm_restarts, pm_steps=a.pm_steps,
                       n1_good=20000 if a.quick else 100000, n_test=4000 if a.quick else 10000)
     rows = []
@@ -93,16 +104,23 @@ def run(a) -> list:
             if r > d:
                 continue
             for seed in range(a.seeds):
+                if a.max_minutes is not None and time.perf_counter() - t0 > 60 * a.max_minutes:
+                    return rows
+                a.cells_done += 1
                 s = make_setting(d, r, seed, cfg)
                 for name in a.variants:
                     v = get_variant(name)
                     if name == "C" and (d not in a.c_d or r not in a.c_r):
                         continue
+                    if name == "C" and seed >= a.c_seeds:
+                        continue
                     ref = s.good_reference() if name == "B" else s.reference
                     nref = s.test_nmse(ref)
                     gen = torch.Generator().manual_seed(1000 * seed + ord(name))
+                    # A: every size in one batched optimisation (exactly the separate runs, see run_gm_sizes)
+                    outcomes = iter(run_gm_sizes(s, v.sizes, gen)) if name == "A" else None
                     for m in v.sizes:
-                        o = v.run(s, m, gen)
+                        o = next(outcomes) if outcomes is not None else v.run(s, m, gen)
                         rows.append(dict(variant=name, d=d, r=r, seed=seed, m=m, memory=o.memory, nmse=o.nmse,
                                          nmse_fresh=o.nmse_fresh, nmse_random=o.nmse_random, nmse_ref=nref,
                                          threshold=threshold(nref), energy=o.energy,
@@ -111,7 +129,7 @@ def run(a) -> list:
                                          seconds=o.seconds))
                         print(f"{name} d={d:3d} r={r} seed={seed} m={m:3d} NMSE {o.nmse:.4f} (ref {nref:.4f}, "
                               f"random {o.nmse_random:.3f}) E_U {o.energy:.3f} {o.seconds:.1f}s", flush=True)
-                        if not a.all_sizes and o.nmse <= threshold(nref):
+                        if not a.all_sizes and outcomes is None and o.nmse <= threshold(nref):
                             break
     return rows
 
@@ -143,20 +161,40 @@ def fmt(x, spec=".4g"):
     return "–" if isinstance(x, float) and not math.isfinite(x) else format(x, spec)
 
 
-def write(a, rows, summary, crit, info, elapsed):
+def header(info, elapsed, a) -> str:
+    """One line: machine, date, commit, wall time (and how much of the grid ran, when cut)."""
+    h = (f"{info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), torch {info['torch']}, "
+         f"{info['date']}, commit {info['commit']}. Wall time {elapsed / 60:.1f} min.")
+    if getattr(a, "cells_done", None) is not None and a.cells_done < a.cells_total:
+        h += f" Stopped after {a.cells_done} of {a.cells_total} (d, r, seed) cells (--max-minutes {a.max_minutes})."
+    return h
+
+
+def read_csv(path: str):
+    """Rows and header line of a CSV written by :func:`write`."""
+    ints, texts = {"d", "r", "seed", "m", "memory"}, {"variant", "cosines"}
+    with open(path) as f:
+        first = f.readline()
+        if not first.startswith("# machine: "):
+            raise ValueError(f"{path}: not a multi_index CSV (no '# machine:' line)")
+        rows = [{k: (v if k in texts else int(v) if k in ints else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+    return rows, first[len("# machine: "):].strip()
+
+
+def write(a, rows, summary, crit, head):
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".csv", "w", newline="") as f:
-        f.write(f"# machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}, "
-                f"commit {info['commit']}\n")
+        f.write(f"# machine: {head.split(' Rebuilt from ')[0]}\n")
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for row in rows:
             w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in FIELDS})
     lines = ["# Theory check: distilling multi-index tasks", "",
-             f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), torch {info['torch']}, "
-             f"{info['date']}, commit {info['commit']}. Wall time {elapsed / 60:.1f} min.", "",
+             f"Machine: {head}", "",
              f"Command: `python benchmarks/multi_index.py {' '.join(sys.argv[1:])}`", "",
-             f"Grid: d {a.d}, r {a.r}, seeds {a.seeds}, variants {a.variants} (C on d {a.c_d}, r {a.c_r}); "
+             f"Grid: d {a.d}, r {a.r}, seeds {a.seeds}, variants {a.variants} (C on d {a.c_d}, r {a.c_r}, "
+             f"{a.c_seeds} seed(s)); "
              f"L {a.width}, link {a.link}, GM {a.gm_steps} steps x {a.gm_restarts} restarts, PM {a.pm_steps} steps.",
              "", "## m* per (variant, d, r) (medians over seeds)", "",
              "| variant | d | r | m* | M* | NMSE_ref | NMSE at m* | fresh W0' | random subset | E_U | min cos | seeds with m* |",
@@ -231,10 +269,12 @@ def plot(a, rows, summary):
         plt.close(fig)
     # subspace energy at m*
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    found = [s for s in summary if s["variant"] in ("A", "C") and math.isfinite(s["m_star"])]
+    xs = sorted({(s["d"], s["r"]) for s in found})  # one shared axis of (d, r) cells for both variants
     for v in ("A", "C"):
-        ss = [s for s in summary if s["variant"] == v and math.isfinite(s["m_star"])]
-        ax.plot(range(len(ss)), [s["energy"] for s in ss], "o", label=v)
-        ax.set_xticks(range(len(ss)), [f"{s['d']},{s['r']}" for s in ss], rotation=90, fontsize=6)
+        ss = [s for s in found if s["variant"] == v]
+        ax.plot([xs.index((s["d"], s["r"])) for s in ss], [s["energy"] for s in ss], "o", label=v)
+    ax.set_xticks(range(len(xs)), [f"{d},{r}" for d, r in xs], rotation=90, fontsize=6)
     ax.axhline(0.9, color="k", ls="--", lw=0.8)
     ax.set_ylabel("E_U at m*")
     ax.set_xlabel("(d, r)")
@@ -247,12 +287,18 @@ def plot(a, rows, summary):
 def main(argv=None) -> int:
     a = parse(argv)
     t0 = time.perf_counter()
-    info = machine()
-    rows = run(a)
+    if a.from_csv:
+        rows, head = read_csv(a.from_csv)
+        head += f" Rebuilt from {os.path.basename(a.from_csv)} by --from-csv."
+    else:
+        info = machine()
+        rows = run(a)
     summary = summarise(rows)
     crit = criteria(summary, a.d, a.r)
     elapsed = time.perf_counter() - t0
-    write(a, rows, summary, crit, info, elapsed)
+    if not a.from_csv:
+        head = header(info, elapsed, a)
+    write(a, rows, summary, crit, head)
     plot(a, rows, summary)
     for c in crit:
         print(f"{c['name']}: {c['verdict']}  {c['value']}  ({c['note']})")

@@ -27,6 +27,8 @@ Choices where the spec is unverified or silent, each a switch of :class:`StudyCo
   evaluation); a fresh W0' is evaluated separately (P5).
 * Variant C uses fresh mini-batches of ``pm_batch`` real points per step (spec: the real-data loss; a
   full 4000-point pass per step would be ~8x slower) and ``pm_restarts`` restarts (spec: none stated).
+* Variant B's good stage 1 uses max(``n1_good``, ``n1_good_factor``·d²) = max(1e5, 40 d²) samples (spec §6.4:
+  1e5 samples give ρ ≈ 0.65 at d = 64), accumulated in chunks.
 * Variant B's inputs ``b_inputs``: ``"subspace"`` (x = Uᵀg, spec default) or ``"gaussian"`` (control).
 * Variant D stores the L output weights of the full-data model (H-L1); W1 is recomputed by stage 1
   and b2 regenerated from the seed, so D isolates the "+L" term and is a consistency check by design.
