@@ -61,11 +61,11 @@ args.dc_aug_param = get_daparam(args.dataset, args.model, args.model, args.ipc)
 for it in range(args.Iteration + 1):
     if it == args.Iteration:
         for model_eval in model_eval_pool:
-            net_eval = get_network(model_eval, channel, num_classes, im_size, seed=0)
+            net_eval = get_network(model_eval, channel, num_classes, im_size)
             _, acc_train, acc_test = evaluate_synset(0, net_eval, image_syn.detach(), label_syn, testloader, args)
             print(f"ACCURACY {model_eval} {acc_test:.4f}")
         break
-    net = get_network(args.model, channel, num_classes, im_size, seed=it)
+    net = get_network(args.model, channel, num_classes, im_size)
     net_parameters = list(net.parameters())
     optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
     for ol in range(args.outer_loop):
