@@ -3,7 +3,9 @@
 Methods (rows): ``dm``, ``dance`` (after a small ``fastdd pretrain`` of its experts, done here and timed),
 ``ddm``, ``mim4dd`` (DM + the MIM4DD add-on; if no ``mim4dd`` method is registered but the configs have
 ``mim_weight``, ``dm --mim-weight 1``), ``dm --rank 2`` (low-rank plugin; its row also gives the floats
-it stores vs the plain set at the same IPC), and a random real subset of the same size. A method that
+it stores vs the plain set at the same IPC), ``dc``, ``dsa`` and ``dsa --rank 2`` (gradient matching; one
+iteration is ``outer_loop`` image updates and ``inner_loop`` network epochs from ``get_loops(ipc)``, so at
+IPC 10 an iteration costs far more than DM's), and a random real subset of the same size. A method that
 is not registered in this checkout is not silently dropped: its row says "skipped" and why.
 
 Shared budget: the **same number of outer iterations and the same ``batch_real``** for every method
@@ -66,6 +68,9 @@ ROWS = [
     ("ddm", "ddm", {}, None),
     ("mim4dd", "mim4dd", {}, ("dm", {"mim_weight": 1.0})),
     ("dm rank 2", "dm", {"rank": 2}, None),
+    ("dc", "dc", {}, None),
+    ("dsa", "dsa", {}, None),
+    ("dsa rank 2", "dsa", {"rank": 2}, None),
 ]
 
 

@@ -58,7 +58,7 @@ optimizer_img = torch.optim.SGD([image_syn], lr=args.lr_img, momentum=0.5)
 criterion = nn.CrossEntropyLoss()
 args.dc_aug_param = get_daparam(args.dataset, args.model, args.model, args.ipc)
 for it in range(args.Iteration):
-    net = get_network(args.model, channel, num_classes, im_size, seed=it)
+    net = get_network(args.model, channel, num_classes, im_size)
     net_parameters = list(net.parameters())
     optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
     for ol in range(args.outer_loop):
@@ -87,6 +87,6 @@ for it in range(args.Iteration):
     print(f"iter {it} loss {float(loss) / num_classes:.4f}")
 
 for model_eval in model_eval_pool:  # train fresh networks on the final set, test them
-    net_eval = get_network(model_eval, channel, num_classes, im_size, seed=0)
+    net_eval = get_network(model_eval, channel, num_classes, im_size)
     _, acc_train, acc_test = evaluate_synset(0, net_eval, image_syn.detach(), label_syn, testloader, args)
     print(f"ACCURACY {model_eval} {acc_test:.4f}")

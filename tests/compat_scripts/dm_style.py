@@ -44,11 +44,11 @@ optimizer_img = torch.optim.SGD([image_syn], lr=args.lr_img, momentum=0.5)
 for it in range(args.Iteration + 1):
     if it == args.Iteration:
         for model_eval in model_eval_pool:
-            net_eval = get_network(model_eval, channel, num_classes, im_size, seed=0)
+            net_eval = get_network(model_eval, channel, num_classes, im_size)
             _, acc_train, acc_test = evaluate_synset(0, net_eval, image_syn.detach(), label_syn, testloader, args)
             print(f"ACCURACY {model_eval} {acc_test:.4f}")
         break
-    net = get_network(args.model, channel, num_classes, im_size, seed=it)
+    net = get_network(args.model, channel, num_classes, im_size)
     for p in net.parameters():
         p.requires_grad = False
     loss = torch.tensor(0.0)
