@@ -14,6 +14,9 @@ ConvNetNP / MP / AP    pooling none / max / average
 ResNet18               CIFAR-style ResNet-18, instance norm (GroupNorm(C, C)), as the reference
 ResNet18IN             same as ResNet18 (explicit name)
 ResNet18BN             CIFAR-style ResNet-18 with BatchNorm2d
+TVResNet18S            torchvision-layout ResNet-18, small-image stem (3x3 stride 1, no max-pool): SRe2L/DWA teachers
+TVResNet18             torchvision-layout ResNet-18, ImageNet stem (7x7 stride 2 + max-pool), for 224x224
+TVResNet50S/50         the same with ResNet-50 (bottleneck) stages
 MLP                    flatten -> 128 -> ReLU -> 128 -> ReLU -> classes
 =====================  ===========================================================================
 """
@@ -30,6 +33,7 @@ from .convnet import ConvNet
 from .init import init_parameters
 from .mlp import MLP
 from .resnet import ResNet18
+from .tv_resnet import TVResNet, tv_resnet_kwargs
 
 
 def _convnet(**overrides: Any) -> Tuple[Callable[..., nn.Module], Dict[str, Any]]:
@@ -57,6 +61,10 @@ _REGISTRY: Dict[str, Tuple[Callable[..., nn.Module], Dict[str, Any]]] = {
     "ResNet18IN": (ResNet18, {"norm": "instancenorm"}),
     "ResNet18BN": (ResNet18, {"norm": "batchnorm"}),
     "MLP": (MLP, {}),
+    "TVResNet18S": (TVResNet, tv_resnet_kwargs(18, "small")),
+    "TVResNet18": (TVResNet, tv_resnet_kwargs(18, "imagenet")),
+    "TVResNet50S": (TVResNet, tv_resnet_kwargs(50, "small")),
+    "TVResNet50": (TVResNet, tv_resnet_kwargs(50, "imagenet")),
 }
 
 
