@@ -260,8 +260,17 @@ def cmd_evaluate(args, _method_cls=None) -> int:
     defaults = {"model": config.get("model", "ConvNet")}  # the distillation network and augmentation
     if cfg.protocol == "dm":
         defaults["dsa_strategy"] = config.get("dsa_strategy", "")
+    if cfg.protocol == "kd":  # the set's own teacher (sre2l / dwa) unless --teacher is given
+        defaults["teacher"] = config.get("teacher", "")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
     train, test = _load_data(meta["dataset"], args.data_path, "train", "test")
+    if cfg.protocol == "kd":
+        if not cfg.teacher:
+            raise UsageError("--teacher: the kd protocol needs a teacher (a `fastdd squeeze` directory or "
+                             "resnet18:PATH); this set records none")
+        from .teacher import load_teacher
+
+        user_errors("--teacher", load_teacher, cfg.teacher, train.channels, train.num_classes, train.image_size)
     if not hasattr(cfg, "allow_missing_classes"):  # evaluate.py without the set check: no conversion
         result = evaluate_synset(syn["images"], syn["labels"], train, test, cfg, device=device,
                                  baseline_indices=syn.get("init_indices"), with_baseline=args.baseline)

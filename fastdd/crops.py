@@ -8,7 +8,7 @@
   call and applied to every image of the batch.
 - :func:`random_crop_flip`: per-sample RandomCrop(size, padding) + horizontal flip (the squeeze and KD
   training augmentation), batched with one gather.
-- :func:`mixup`: MixUp of a batch with a Beta(alpha, alpha) ratio and a random permutation.
+- :func:`beta_draws`: Beta(alpha, alpha) ratios from a generator (MixUp).
 """
 from __future__ import annotations
 
@@ -116,19 +116,12 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int =
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def mixup(x: torch.Tensor, generator: torch.Generator, alpha: float) -> Tuple[torch.Tensor, torch.Tensor, float]:
-    """MixUp: ``lam * x + (1 - lam) * x[perm]`` with lam ~ Beta(alpha, alpha) and a random permutation.
-    Returns (mixed [N, ...], perm [N], lam). ``alpha <= 0`` returns x unchanged (identity perm, lam 1)."""
-    n = x.shape[0]
-    if alpha <= 0:
-        return x, torch.arange(n, device=x.device), 1.0
-    # Beta(alpha, alpha) = A / (A + B) with A, B ~ Gamma(alpha, 1), each by inverting its CDF at a uniform
-    # draw of the generator (torch.distributions takes no generator)
-    u = torch.rand(2, generator=generator, device=generator.device, dtype=torch.float64).cpu()
-    a, b = _gamma_quantile(alpha, u)
-    lam = float(a / (a + b))
-    perm = torch.randperm(n, generator=generator, device=generator.device).to(x.device)
-    return lam * x + (1.0 - lam) * x[perm], perm, lam
+def beta_draws(alpha: float, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` draws of Beta(alpha, alpha), float64 [count] on the CPU: A / (A + B) with A, B ~ Gamma(alpha, 1),
+    each by inverting its CDF at a uniform draw of ``generator`` (torch.distributions takes no generator)."""
+    u = torch.rand(2 * count, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+    q = _gamma_quantile(alpha, u).view(2, count)
+    return q[0] / (q[0] + q[1])
 
 
 def _gamma_quantile(alpha: float, u: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ ConvNetW32 .. W256     width 32 / 64 / 128 / 256
 ConvNetAS / AR / AL    activation sigmoid / relu / leakyrelu
 ConvNetASwish          swish activation
 ConvNetASwishBN        swish activation + batch norm
+ConvNetW32BN           width 32 + batch norm (a quick BN teacher for SRe2L/DWA on the CPU)
 ConvNetNN/BN/LN/IN/GN  norm none / batchnorm / layernorm / instancenorm / groupnorm
 ConvNetNP / MP / AP    pooling none / max / average
 ResNet18               CIFAR-style ResNet-18, instance norm (GroupNorm(C, C)), as the reference
@@ -49,6 +50,7 @@ _REGISTRY: Dict[str, Tuple[Callable[..., nn.Module], Dict[str, Any]]] = {
     "ConvNetAL": _convnet(act="leakyrelu"),
     "ConvNetASwish": _convnet(act="swish"),
     "ConvNetASwishBN": _convnet(act="swish", norm="batchnorm"),
+    "ConvNetW32BN": _convnet(width=32, norm="batchnorm"),
     "ConvNetNN": _convnet(norm="none"),
     "ConvNetBN": _convnet(norm="batchnorm"),
     "ConvNetLN": _convnet(norm="layernorm"),
