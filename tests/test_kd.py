@@ -15,6 +15,15 @@ from fastdd.kd import adamw_groups, cosine_epoch_lr, kd_loss, mixup_groups
 from fastdd.squeeze import SqueezeConfig, squeeze
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small per-step tensors: a second OpenMP thread only adds synchronisation on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_kd_loss_is_batchmean_kl_per_model_summed():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
@@ -78,3 +87,17 @@ def test_kd_protocol_trains_students_from_the_teacher(tmp_path):
                         protocol_config("kd", epochs=1, teacher=""), progress=False)
     with pytest.raises(ValueError, match="kd_augment"):
         protocol_config("kd", kd_augment="zoom").validate()
+
+
+def test_cli_kd_needs_a_usable_teacher(tmp_path, fmnist, capsys):
+    from fastdd.cli import main
+    from fastdd.synset import save_synset
+
+    train, _ = fmnist
+    save_synset(tmp_path, {"images": torch.zeros(10, 1, 28, 28), "labels": torch.arange(10)}, {"ipc": 1},
+                {"dataset": "fashion-mnist", "method": "dm", "mean": list(train.mean), "std": list(train.std)})
+    for extra, message in (([], "needs a teacher"), (["--teacher", str(tmp_path / "missing.pth")], "not a teacher"),
+                           (["--teacher", f"resnet18:{tmp_path / 'missing.pth'}"], "does not exist")):
+        code = main(["evaluate", str(tmp_path), "--protocol", "kd", "--device", "cpu", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
