@@ -1,4 +1,5 @@
-"""The ``fastdd`` command line: ``distill``, ``evaluate``, ``pretrain`` (DANCE experts), ``continual``, ``show``.
+"""The ``fastdd`` command line: ``distill``, ``evaluate``, ``pretrain`` (DANCE experts), ``squeeze`` (SRe2L/DWA
+teachers), ``continual``, ``show``.
 
 Every subcommand's flags are generated from its config dataclasses (:mod:`fastdd.cliflags`): distill =
 the method's config + :class:`DistillRun`; evaluate = :class:`~fastdd.evaluate.EvalConfig` +
@@ -59,6 +60,14 @@ class PretrainRun(_RunBase):
     """Run options of ``fastdd pretrain``."""
 
     progress: bool = True  # per-expert progress bar
+
+
+@dataclasses.dataclass
+class SqueezeRun(_RunBase):
+    """Run options of ``fastdd squeeze``."""
+
+    progress: bool = True  # one log line per epoch
+    test_accuracy: bool = True  # measure the teacher's accuracy on the test split at the end
 
 
 @dataclasses.dataclass
@@ -162,6 +171,7 @@ def build_parser(method_name: str = "dm") -> argparse.ArgumentParser:
     from .continual import ContinualConfig
     from .evaluate import EvalConfig
     from .experts import PretrainConfig
+    from .squeeze import SqueezeConfig
 
     cls = user_errors("--method", methods.get, method_name)
     top = _Parser(prog="fastdd", description="Dataset distillation (see README, 'Command line').")
@@ -177,6 +187,10 @@ def build_parser(method_name: str = "dm") -> argparse.ArgumentParser:
                        "(init + trained weights of K networks) on a real training set.")
     add_config_flags(p, PretrainRun)
     add_config_flags(p, PretrainConfig)
+    p = sub.add_parser("squeeze", help="train a BatchNorm teacher (SRe2L/DWA)", description="Train a BatchNorm "
+                       "teacher on a real training set (SRe2L squeeze); writes DIR/teacher.pt and teacher.json.")
+    add_config_flags(p, SqueezeRun)
+    add_config_flags(p, SqueezeConfig)
     p = sub.add_parser("continual", help="class-incremental protocol", description="Class-incremental learning "
                        f"with per-step sets distilled by {method_name} vs a random buffer (see fastdd.continual).")
     add_config_flags(p, ContinualRun)
@@ -246,8 +260,17 @@ def cmd_evaluate(args, _method_cls=None) -> int:
     defaults = {"model": config.get("model", "ConvNet")}  # the distillation network and augmentation
     if cfg.protocol == "dm":
         defaults["dsa_strategy"] = config.get("dsa_strategy", "")
+    if cfg.protocol == "kd":  # the set's own teacher (sre2l / dwa) unless --teacher is given
+        defaults["teacher"] = config.get("teacher", "")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
     train, test = _load_data(meta["dataset"], args.data_path, "train", "test")
+    if cfg.protocol == "kd":
+        if not cfg.teacher:
+            raise UsageError("--teacher: the kd protocol needs a teacher (a `fastdd squeeze` directory or "
+                             "resnet18:PATH); this set records none")
+        from .teacher import load_teacher
+
+        user_errors("--teacher", load_teacher, cfg.teacher, train.channels, train.num_classes, train.image_size)
     if not hasattr(cfg, "allow_missing_classes"):  # evaluate.py without the set check: no conversion
         result = evaluate_synset(syn["images"], syn["labels"], train, test, cfg, device=device,
                                  baseline_indices=syn.get("init_indices"), with_baseline=args.baseline)
@@ -280,6 +303,43 @@ def cmd_pretrain(args, _method_cls=None) -> int:
     pretrain_experts(train, cfg, out, device=device, resume=args.resume, progress=args.progress)
     print(f"wrote {cfg.models} experts to {out} ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+# --------------------------------------------------------------------------------------------- squeeze
+SQUEEZE_FILES = ("teacher.pt", "teacher.json", "squeeze_state.pt")
+
+
+def cmd_squeeze(args, _method_cls=None) -> int:
+    from .squeeze import SqueezeConfig, check_resume, squeeze
+
+    cfg = make_config(SqueezeConfig, values_from_args(SqueezeConfig, args))
+    device = check_device(args.device)
+    out = check_out(args.out, args.resume, args.force, markers=("teacher.json",))
+    train, test = _load_data(args.dataset, args.data_path, "train", "test") if args.test_accuracy else \
+        (*_load_data(args.dataset, args.data_path, "train"), None)
+    user_errors("", get_model_check, cfg.model, train)
+    if args.resume:
+        user_errors("", check_resume, out, train, cfg)
+    prepare_out(out, args.force, patterns=SQUEEZE_FILES)
+    start = time.perf_counter()
+    squeeze(train, cfg, out, test=test, device=device, resume=args.resume, progress=args.progress)
+    meta = json.loads((out / "teacher.json").read_text())
+    acc = meta.get("test_accuracy")
+    print(f"wrote {out / 'teacher.pt'} ({cfg.model}, {meta['epochs_done']} epochs, test accuracy "
+          f"{'n/a' if acc is None else f'{100 * acc:.2f} %'}, {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def get_model_check(name: str, train) -> None:
+    """Build ``name`` for ``train``'s shape once on the meta device: an unknown name, an impossible shape or a
+    network without BatchNorm fails (ValueError) before any work."""
+    from .models import get_model
+
+    with torch.device("meta"):
+        net = get_model(name, train.channels, train.num_classes, train.image_size)
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        raise ValueError(f"--model: {name} has no BatchNorm layer; a squeeze teacher needs one (ConvNetBN, "
+                         "ResNet18BN, TVResNet18S, ...)")
 
 
 # --------------------------------------------------------------------------------------------- continual
@@ -356,10 +416,11 @@ def cmd_show(args, _method_cls=None) -> int:
 
 
 COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show, "pretrain": cmd_pretrain,
-            "continual": cmd_continual}
+            "continual": cmd_continual, "squeeze": cmd_squeeze}
 
 
-RUN_OPTIONS = {"distill": DistillRun, "evaluate": EvaluateRun, "pretrain": PretrainRun, "continual": ContinualRun}
+RUN_OPTIONS = {"distill": DistillRun, "evaluate": EvaluateRun, "pretrain": PretrainRun, "continual": ContinualRun,
+               "squeeze": SqueezeRun}
 
 
 def _method_name(argv: List[str]) -> str:

@@ -28,6 +28,10 @@ crop/scale/rotate per model and mini-batch) then CutMix (p 0.5, Beta(1, 1)); tes
 epochs and at the end. It reports the last-epoch accuracy (``accuracies``) and the best over those
 checkpoints (``best_accuracies``): the latter is the reference's number, and it is a selection ON THE
 TEST SET (optimistic by construction; report it only next to the published figures).
+
+``"kd"`` is the SRe2L/DWA soft-label protocol (:func:`train_stacked_kd`, :mod:`fastdd.kd`): students
+trained on the set with a frozen BatchNorm teacher (``teacher``) queried online on every augmented,
+MixUp-ed batch; the random baseline is trained with exactly the same protocol and teacher.
 """
 from __future__ import annotations
 
@@ -69,8 +73,21 @@ class EvalConfig:
     eval_every: int = 0  # idc: test accuracy every K epochs (and at the end)
     allow_missing_classes: bool = False  # accept a set in which some class has no image
     compile: str = "auto"  # torch.compile of the training and test forwards: "auto" | "on" | "off"
+    teacher: str = ""  # kd: teacher spec (squeeze DIR or resnet18:PATH; `fastdd evaluate`: the set's teacher)
+    temperature: float = 30.0  # kd: softmax temperature of teacher and student
+    t_squared: bool = False  # kd: multiply the KL by T^2 (DWA's Tiny-ImageNet recipe only)
+    mixup_alpha: float = 0.0  # kd: MixUp Beta(alpha, alpha) inside each batch (0: off)
+    kd_augment: str = "crop_flip"  # kd: per-sample augmentation: "crop_flip" (RandomCrop pad 4 + flip) | "none"
+    teacher_train_mode: bool = False  # kd: teacher BN in train mode (the SRe2L/DWA CIFAR validator's quirk)
 
     def validate(self) -> None:
+        if self.protocol == "kd":
+            if self.kd_augment not in KD_AUGMENTS:
+                raise ValueError(f"kd_augment: expected one of {list(KD_AUGMENTS)}, got {self.kd_augment!r}")
+            if not self.temperature > 0:
+                raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+            if not self.mixup_alpha >= 0:
+                raise ValueError(f"mixup_alpha: must be >= 0, got {self.mixup_alpha}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol: expected one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
         check_positive_int("num_models", self.num_models)
@@ -89,7 +106,13 @@ class EvalConfig:
 PROTOCOLS = {
     "dm": {},
     "idc": {"protocol": "idc", "epochs": 1500, "batch_size": 64, "cutmix_p": 0.5, "eval_every": 250},
+    # SRe2L/DWA CIFAR post-training (relabel_cifar.py / validation_cifar.py): AdamW 1e-3, wd 0.01 on >1-d
+    # tensors, cosine per epoch, batch 128, RandomCrop(4) + flip, MixUp 0.8, online teacher at T = 30, no T^2
+    "kd": {"protocol": "kd", "epochs": 400, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.01, "dsa": False,
+           "temperature": 30.0, "mixup_alpha": 0.8, "kd_augment": "crop_flip"},
 }
+
+KD_AUGMENTS = ("crop_flip", "none")
 
 
 def protocol_config(name: str, **overrides) -> EvalConfig:
@@ -265,13 +288,17 @@ def train_stacked(
 ) -> torch.Tensor:
     """Train M = len(model_seeds) fresh models, model m on ``train_images[m]``, with the training loop of
     ``protocol`` (module docstring; ``cfg.protocol`` is not consulted); return test accuracies: [M] after
-    the last epoch ("dm"), or [M, P] at the P checkpoints ("idc": every ``eval_every`` epochs and the last
-    epoch).
+    the last epoch ("dm", and "kd" through :func:`train_stacked_kd`), or [M, P] at the P checkpoints
+    ("idc": every ``eval_every`` epochs and the last epoch).
 
     train_images [M, N, C, H, W] (may be an expanded view of one set), train_labels [M, N],
     test_images [T, C, H, W], test_labels [T]. Accuracies are fractions in [0, 1]. ``progress``: a tqdm
     bar over models x epochs.
     """
+    if protocol == "kd":
+        return train_stacked_kd(train_images, train_labels, test_images, test_labels, num_classes, cfg,
+                                dataset_name=dataset_name, model_seeds=model_seeds, generator=generator,
+                                progress=progress)
     m_models, n = train_images.shape[:2]
     if protocol == "idc":
         from .idc import IDCAugment, cutmix, cutmix_loss, multistep_lr
@@ -302,6 +329,59 @@ def train_stacked(
             if (every and (epoch + 1) % every == 0) or epoch + 1 == len(lrs):
                 checkpoints.append(accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size))
     return torch.stack(checkpoints, dim=1) if protocol == "idc" else checkpoints[0]
+
+
+def train_stacked_kd(
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    cfg: EvalConfig,
+    *,
+    dataset_name: str = "",
+    model_seeds: Sequence[int],
+    generator: torch.Generator,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The soft-label KD protocol (:mod:`fastdd.kd`) for M stacked students; returns test accuracies [M].
+
+    Every epoch (lr cosine per epoch, AdamW with decay on >1-d tensors only), every model's shuffled
+    mini-batch is augmented per sample (``kd_augment``), mixed (``mixup_alpha``), labelled by the frozen
+    teacher ``cfg.teacher`` on exactly that input, and the students minimise the KL at ``temperature``.
+    The set's hard labels are not used. Shapes as :func:`train_stacked`."""
+    from .crops import random_crop_flip
+    from .kd import adamw_groups, cosine_epoch_lr, kd_loss, mixup_groups
+    from .teacher import load_teacher
+
+    device = train_images.device
+    m_models, n = train_images.shape[:2]
+    chw = tuple(train_images.shape[2:])
+    teacher, _ = load_teacher(cfg.teacher, chw[0], num_classes, chw[1:], device)
+    teacher.train(cfg.teacher_train_mode)
+    net = fresh_models(cfg, model_seeds, chw[0], num_classes, chw[1:], device,
+                       calls=_work(m_models, n, cfg.epochs, test_images, checkpoints=1))
+    optimizer = torch.optim.AdamW(adamw_groups(net.parameters(), cfg.weight_decay), lr=cfg.lr)
+    rows = torch.arange(m_models, device=device).unsqueeze(1)
+    with _progress(m_models * cfg.epochs, progress, f"evaluate {m_models} models (kd)") as bar:
+        for epoch in range(cfg.epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_epoch_lr(cfg.lr, epoch, cfg.epochs)
+            net.train(True)
+            for idx in epoch_batches(m_models, n, cfg.batch_size, generator, device):  # [M, b]
+                x = train_images[rows, idx]  # [M, b, C, H, W]
+                b = idx.shape[1]
+                if cfg.kd_augment == "crop_flip":
+                    x = random_crop_flip(x.reshape(m_models * b, *chw), generator).view(m_models, b, *chw)
+                x = mixup_groups(x, generator, cfg.mixup_alpha)
+                with torch.no_grad():
+                    soft = teacher(x.reshape(m_models * b, *chw)).view(m_models, b, num_classes)
+                loss = kd_loss(net(x), soft, cfg.temperature, cfg.t_squared)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            bar.update(m_models)
+    return accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size)
 
 
 def default_test_batch(images: torch.Tensor) -> int:

@@ -23,6 +23,8 @@ RUNS = {
     "dm+rank2": ["--method", "dm", "--rank", "2"],
     "dc": ["--method", "dc"],
     "dsa": ["--method", "dsa"],
+    "sre2l": ["--method", "sre2l", "--batch-classes", "5"],
+    "dwa": ["--method", "dwa", "--perturb-steps", "2"],
 }
 
 
@@ -31,6 +33,14 @@ def fmnist_experts(tmp_path_factory, fmnist):
     out = tmp_path_factory.mktemp("experts")
     assert main(["pretrain", "--dataset", "fashion-mnist", "--models", "1", "--epochs", "1", "--train-subset", "100",
                  "--model", "ConvNetW32", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fmnist_teacher(tmp_path_factory, fmnist):
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["squeeze", "--dataset", "fashion-mnist", "--epochs", "1", "--train-subset", "100", "--lr", "0.01",
+                 "--no-test-accuracy", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -43,6 +53,8 @@ def test_method_runs_from_the_cli_on_fashion_mnist_and_reloads_without_fastdd(la
     argv = ["distill", *COMMON, *RUNS[label], "--out", str(tmp_path / "run")]
     if label == "dance":
         argv += ["--experts", str(request.getfixturevalue("fmnist_experts"))]
+    if label in ("sre2l", "dwa"):
+        argv += ["--teacher", str(request.getfixturevalue("fmnist_teacher"))]
     assert main(argv) == 0
     data = torch.load(tmp_path / "run" / "synthetic.pt", weights_only=True)
     images = data["images"] if "images" in data else data["factor_a"] @ data["factor_b"]

@@ -26,6 +26,10 @@ LAYERS = {
     "fastdd.augment": 1,
     "fastdd.idc": 1,  # augmentation / decoding helpers, like augment
     "fastdd.experts": 1,  # loads pre-trained models (used by DANCE)
+    "fastdd.crops": 1,  # SRe2L jitter, crop/flip, MixUp helpers (like augment)
+    "fastdd.teacher": 1,  # BN teachers for SRe2L/DWA and KD: squeeze directories, torchvision state dicts
+    "fastdd.squeeze": 1,  # trains a BN teacher (like experts)
+    "fastdd.kd": 1,  # soft-label KD loss, MixUp, optimiser groups (used by evaluate)
     "fastdd.evaluate": 1,  # trains models on a set; imports models, data, augment, idc
     "fastdd.checkpoint": 1,
     "fastdd.synset": 1,

@@ -4,7 +4,9 @@ from . import (
     dc,  # noqa: F401  (registers "dc" and "dsa")
     ddm,  # noqa: F401  (registers "ddm")
     dm,  # noqa: F401  (registers "dm")
+    dwa,  # noqa: F401  (registers "dwa")
     mim4dd,  # noqa: F401  (registers the "mim" add-on and "mim4dd")
+    sre2l,  # noqa: F401  (registers "sre2l")
 )
 from .base import Method, MethodConfig
 from .registry import get, names, register

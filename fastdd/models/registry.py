@@ -9,11 +9,15 @@ ConvNetW32 .. W256     width 32 / 64 / 128 / 256
 ConvNetAS / AR / AL    activation sigmoid / relu / leakyrelu
 ConvNetASwish          swish activation
 ConvNetASwishBN        swish activation + batch norm
+ConvNetW32BN           width 32 + batch norm (a quick BN teacher for SRe2L/DWA on the CPU)
 ConvNetNN/BN/LN/IN/GN  norm none / batchnorm / layernorm / instancenorm / groupnorm
 ConvNetNP / MP / AP    pooling none / max / average
 ResNet18               CIFAR-style ResNet-18, instance norm (GroupNorm(C, C)), as the reference
 ResNet18IN             same as ResNet18 (explicit name)
 ResNet18BN             CIFAR-style ResNet-18 with BatchNorm2d
+TVResNet18S            torchvision-layout ResNet-18, small-image stem (3x3 stride 1, no max-pool): SRe2L/DWA teachers
+TVResNet18             torchvision-layout ResNet-18, ImageNet stem (7x7 stride 2 + max-pool), for 224x224
+TVResNet50S/50         the same with ResNet-50 (bottleneck) stages
 MLP                    flatten -> 128 -> ReLU -> 128 -> ReLU -> classes
 =====================  ===========================================================================
 """
@@ -30,6 +34,7 @@ from .convnet import ConvNet
 from .init import init_parameters
 from .mlp import MLP
 from .resnet import ResNet18
+from .tv_resnet import TVResNet, tv_resnet_kwargs
 
 
 def _convnet(**overrides: Any) -> Tuple[Callable[..., nn.Module], Dict[str, Any]]:
@@ -45,6 +50,7 @@ _REGISTRY: Dict[str, Tuple[Callable[..., nn.Module], Dict[str, Any]]] = {
     "ConvNetAL": _convnet(act="leakyrelu"),
     "ConvNetASwish": _convnet(act="swish"),
     "ConvNetASwishBN": _convnet(act="swish", norm="batchnorm"),
+    "ConvNetW32BN": _convnet(width=32, norm="batchnorm"),
     "ConvNetNN": _convnet(norm="none"),
     "ConvNetBN": _convnet(norm="batchnorm"),
     "ConvNetLN": _convnet(norm="layernorm"),
@@ -57,6 +63,10 @@ _REGISTRY: Dict[str, Tuple[Callable[..., nn.Module], Dict[str, Any]]] = {
     "ResNet18IN": (ResNet18, {"norm": "instancenorm"}),
     "ResNet18BN": (ResNet18, {"norm": "batchnorm"}),
     "MLP": (MLP, {}),
+    "TVResNet18S": (TVResNet, tv_resnet_kwargs(18, "small")),
+    "TVResNet18": (TVResNet, tv_resnet_kwargs(18, "imagenet")),
+    "TVResNet50S": (TVResNet, tv_resnet_kwargs(50, "small")),
+    "TVResNet50": (TVResNet, tv_resnet_kwargs(50, "imagenet")),
 }
 
 

@@ -734,8 +734,9 @@ def bn_stats(x: torch.Tensor, *, backend: Optional[str] = None):
 
 
 def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, *,
-                 backend: Optional[str] = None) -> torch.Tensor:
-    """SRe2L/DWA BN-statistics term of one layer: ||mean - running_mean||_2 + ||var - running_var||_2 (0-d).
+                 var_weight: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
+    """SRe2L/DWA BN-statistics term of one layer: ||mean - running_mean||_2 + var_weight * ||var - running_var||_2
+    (0-d; ``var_weight`` is DWA's decoupled ``r_var``, 1 for SRe2L).
 
     x [N, C, H, W] is the input of the BatchNorm layer; running_mean, running_var [C]. mean / var are the
     batch statistics over (N, H, W), biased variance. Multiply by the layer's multiplier outside."""
@@ -744,5 +745,5 @@ def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
     check_tensor("running_mean", running_mean, shape=(C,), dtypes=FLOAT_DTYPES, device=x.device)
     check_tensor("running_var", running_var, shape=(C,), dtypes=FLOAT_DTYPES, device=x.device)
     mean, var = bn_stats(x, backend=backend)
-    return torch.linalg.vector_norm(mean - running_mean.to(mean.dtype)) + torch.linalg.vector_norm(
+    return torch.linalg.vector_norm(mean - running_mean.to(mean.dtype)) + var_weight * torch.linalg.vector_norm(
         var - running_var.to(var.dtype))

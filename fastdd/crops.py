@@ -1,0 +1,137 @@
+"""Batched crop / flip / roll augmentations of the SRe2L pipeline, every draw from an explicit generator.
+
+- :class:`RecoverJitter`: SRe2L/DWA's per-iteration augmentation of the synthetic batch (spec
+  ``lowrank_dwa_theory.md`` §2.1): optionally a random-resized crop (scale (0.08, 1), ratio (3/4, 4/3),
+  resized back to the input size, bilinear) and a horizontal flip with probability 0.5, then
+  ``torch.roll`` by (o1, o2) with o1, o2 uniform on {-J, ..., J}. As in the reference, where the
+  torchvision transform sees the whole batched tensor, ONE crop, ONE flip and ONE roll are drawn per
+  call and applied to every image of the batch.
+- :func:`random_crop_flip`: per-sample RandomCrop(size, padding) + horizontal flip (the squeeze and KD
+  training augmentation), batched with one gather.
+- :func:`beta_draws`: Beta(alpha, alpha) ratios from a generator (MixUp).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def _uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator, device=generator.device))
+
+
+def _randint(generator: torch.Generator, low: int, high: int) -> int:
+    """Uniform integer in [low, high] (both ends included)."""
+    return int(torch.randint(low, high + 1, (), generator=generator, device=generator.device))
+
+
+def rrc_box(height: int, width: int, generator: torch.Generator, scale=(0.08, 1.0),
+            ratio=(3.0 / 4.0, 4.0 / 3.0)) -> Tuple[int, int, int, int]:
+    """One RandomResizedCrop box ``(top, left, h, w)`` for an ``height x width`` image: up to 10 tries of
+    an area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``; otherwise the
+    central crop with the ratio clamped to ``ratio`` (torchvision's rule)."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * _uniform(generator, *scale)
+        aspect = math.exp(_uniform(generator, log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return _randint(generator, 0, height - h), _randint(generator, 0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass(frozen=True)
+class JitterDraw:
+    """One draw of :class:`RecoverJitter`: crop box (or None), flip flag, roll offsets."""
+
+    box: Tuple[int, int, int, int] | None
+    flip: bool
+    shifts: Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class RecoverJitter:
+    """SRe2L/DWA per-iteration jitter (module docstring). ``crop``: random-resized crop + flip;
+    ``jitter``: the roll bound J; ``min_scale``: the crop's smallest area fraction."""
+
+    crop: bool = False
+    jitter: int = 4
+    min_scale: float = 0.08
+
+    def draw(self, size: Tuple[int, int], generator: torch.Generator) -> JitterDraw:
+        """The random parameters of one call on images of ``size = (H, W)``: crop box, flip, roll, in that order."""
+        box, flip = None, False
+        if self.crop:
+            box = rrc_box(size[0], size[1], generator, (self.min_scale, 1.0))
+            flip = _uniform(generator) < 0.5
+        shifts = (_randint(generator, -self.jitter, self.jitter), _randint(generator, -self.jitter, self.jitter))
+        return JitterDraw(box, flip, shifts)
+
+    @staticmethod
+    def apply(x: torch.Tensor, d: JitterDraw) -> torch.Tensor:
+        """Apply draw ``d`` to the batch x [N, C, H, W] (differentiable); returns [N, C, H, W]."""
+        h, w = x.shape[-2:]
+        if d.box is not None:
+            top, left, bh, bw = d.box
+            x = F.interpolate(x[..., top:top + bh, left:left + bw], size=(h, w), mode="bilinear",
+                              align_corners=False, antialias=bh > h or bw > w)
+        if d.flip:
+            x = x.flip(-1)
+        if d.shifts != (0, 0):
+            x = torch.roll(x, shifts=d.shifts, dims=(2, 3))
+        return x
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.apply(x, self.draw(tuple(x.shape[-2:]), generator))
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True) -> torch.Tensor:
+    """Per-sample RandomCrop(H x W, zero padding ``padding``) and, with ``flip``, a horizontal flip with
+    probability 0.5: x [N, C, H, W] -> [N, C, H, W]. Draws: N row offsets, N column offsets, N flip coins."""
+    n, c, h, w = x.shape
+    dev = generator.device
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev).to(x.device)
+    padded = F.pad(x, (padding, padding, padding, padding))
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # [N, H]
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # [N, W]
+    if flip:
+        coin = (torch.rand(n, generator=generator, device=dev) < 0.5).to(x.device)
+        cols = torch.where(coin[:, None], cols.flip(1), cols)
+    idx_n = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # [N, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def beta_draws(alpha: float, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` draws of Beta(alpha, alpha), float64 [count] on the CPU: A / (A + B) with A, B ~ Gamma(alpha, 1),
+    each by inverting its CDF at a uniform draw of ``generator`` (torch.distributions takes no generator)."""
+    u = torch.rand(2 * count, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+    q = _gamma_quantile(alpha, u).view(2, count)
+    return q[0] / (q[0] + q[1])
+
+
+def _gamma_quantile(alpha: float, u: torch.Tensor) -> torch.Tensor:
+    """Gamma(alpha, 1) quantiles of u [k] by bisection on the regularised incomplete gamma (float64)."""
+    lo = torch.zeros_like(u)
+    hi = torch.full_like(u, max(50.0, 20.0 * alpha))
+    a = torch.full_like(u, alpha)
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        below = torch.special.gammainc(a, mid) < u
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    return (lo + hi) / 2

@@ -1,0 +1,264 @@
+"""SRe2L / DWA recover: the fused BN-statistics loss against a float64 hook reference, the one-draw-per-batch
+jitter, the recover loop (N(0,1) init, clamp, last iterate, exact resume), DWA's directed perturbation
+against a hand-computed two-step case and its reset / accumulate modes, and the presets."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdd.crops import RecoverJitter
+from fastdd.data import ImageDataset
+from fastdd.matchers import BNStatisticsLoss
+from fastdd.methods import dwa as dwa_module
+from fastdd.methods import get
+from fastdd.models import get_model
+from fastdd.squeeze import SqueezeConfig, squeeze
+
+
+def toy_dataset(n_per_class=6, classes=4, size=8, channels=3, seed=0) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    images = torch.randn(len(labels), channels, size, size, generator=g) + labels.view(-1, 1, 1, 1).float() / 2
+    return ImageDataset("toy", "train", images, labels, classes, mean=(0.5,) * channels, std=(0.25,) * channels)
+
+
+@pytest.fixture(scope="module")
+def toy_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    squeeze(toy_dataset(), SqueezeConfig(model="ConvNetBN", epochs=2, batch_size=8, lr=0.01), out, progress=False)
+    return str(out)
+
+
+# ------------------------------------------------------------------------------------------------ BN loss
+def hook_reference_loss(model64: nn.Module, x64: torch.Tensor, first: float, var_weight: float) -> torch.Tensor:
+    """The reference's hook formulation in float64: per BN layer the input is permuted to [C, N*H*W],
+    made contiguous, and its mean / biased variance taken per row."""
+    terms = []
+
+    def hook(module, inputs, _output):
+        a = inputs[0]
+        flat = a.permute(1, 0, 2, 3).contiguous().view(a.shape[1], -1)
+        mean, var = flat.mean(1), flat.var(1, unbiased=False)
+        terms.append(torch.norm(module.running_mean - mean, 2) + var_weight * torch.norm(module.running_var - var, 2))
+
+    handles = [m.register_forward_hook(hook) for m in model64.modules() if isinstance(m, nn.BatchNorm2d)]
+    model64(x64)
+    for h in handles:
+        h.remove()
+    return first * terms[0] + sum(terms[1:])
+
+
+@pytest.mark.parametrize("model_name,size", [("ConvNetBN", 16), ("TVResNet18S", 8)])
+@pytest.mark.parametrize("var_weight", [1.0, 11.0])
+def test_bn_statistics_loss_and_gradient_match_float64_hook_reference(model_name, size, var_weight):
+    g = torch.Generator().manual_seed(3)
+    kwargs = {"width": 16} if model_name == "ConvNetBN" else {}
+    net = get_model(model_name, 3, 5, (size, size), generator=g, **kwargs).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+    net64 = copy.deepcopy(net).double()
+    x = torch.randn(6, 3, size, size, generator=g)
+    x32 = x.clone().requires_grad_(True)
+    bn = BNStatisticsLoss(net, first_multiplier=10.0, var_weight=var_weight)
+    net(x32)
+    loss = bn.loss()
+    loss.backward()
+    x64 = x.double().requires_grad_(True)
+    ref = hook_reference_loss(net64, x64, 10.0, var_weight)
+    ref.backward()
+    assert loss.dtype == torch.float32
+    assert abs(float(loss.detach()) - float(ref.detach())) <= 1e-5 * float(ref.detach())
+    err = (x32.grad.double() - x64.grad).abs().max()
+    assert err <= 1e-4 * x64.grad.abs().max(), float(err)
+    assert len(bn.layers) == sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+
+
+def test_bn_loss_refuses_a_network_without_batchnorm():
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        BNStatisticsLoss(get_model("ConvNet", 1, 2, (8, 8)))
+
+
+# ------------------------------------------------------------------------------------------------ jitter
+def test_jitter_draws_once_per_batch_from_the_generator():
+    jit = RecoverJitter(crop=True, jitter=3)
+    x = torch.randn(1, 3, 12, 12).expand(5, 3, 12, 12).contiguous()
+    out = jit(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert all(torch.equal(out[0], out[i]) for i in range(5))  # one crop / flip / roll for the whole batch
+    again = jit(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    g = torch.Generator().manual_seed(1)
+    shifts = [RecoverJitter(jitter=3).draw((12, 12), g).shifts for _ in range(400)]
+    values = {s for pair in shifts for s in pair}
+    assert values == set(range(-3, 4))  # uniform on {-J..J}
+    plain = RecoverJitter(crop=False, jitter=0)
+    assert torch.equal(plain(x, g), x)
+
+
+# ------------------------------------------------------------------------------------------------ recover loop
+def test_sre2l_noise_init_clamp_last_iterate_and_resume(toy_teacher):
+    ds = toy_dataset()
+    cls = get("sre2l")
+    cfg = cls.config_cls(teacher=toy_teacher, ipc=2, iterations=6, batch_classes=3, lr_img=0.25, seed=5)
+    m = cls(cfg, ds)
+    assert m.config.preset == "cifar" and m.config.r_bn == 0.01 and m.config.first_bn_multiplier == 10.0
+    assert m.units == 4 and m.total_steps == 24  # 2 IPC indices x 2 class batches (3 + 1 classes)
+    expected = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(m.images.detach(), expected)  # N(0, 1) from the run's generator
+    m.fit(progress=False)
+    images = m.synthetic_set()["images"]
+    low, high = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25
+    assert images.min() >= low - 1e-6 and images.max() <= high + 1e-6
+    assert not torch.equal(images, expected)
+    assert torch.equal(images[m.unit_rows(3)[2]], m.work.detach())  # the last iterate is what is kept
+
+    half = cls(cfg, ds)
+    half.fit(9, progress=False)  # stops inside unit 1
+    state = copy.deepcopy(half.state_dict())
+    resumed = cls(cfg, ds)
+    resumed.load_state_dict(state)
+    resumed.fit(progress=False)
+    assert torch.equal(resumed.synthetic_set()["images"], images)
+
+
+def test_recover_loss_decreases_over_a_unit(toy_teacher):
+    ds = toy_dataset()
+    cls = get("sre2l")
+    m = cls(cls.config_cls(teacher=toy_teacher, ipc=1, iterations=40, lr_img=0.1, jitter=0, seed=0), ds)
+    losses = []
+    for _ in range(40):
+        losses.append(m.step())
+        m.iteration += 1
+    assert sum(losses[-5:]) < 0.9 * sum(losses[:5])
+
+
+# ------------------------------------------------------------------------------------------------ DWA
+def tiny_bn_classifier(channels=3, classes=4) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(channels), nn.Flatten(), nn.Linear(channels, classes)).double()
+    with torch.no_grad():
+        net[0].weight.uniform_(0.5, 1.5, generator=g)
+        net[0].bias.normal_(0, 0.3, generator=g)
+        net[0].running_mean.normal_(0, 0.5, generator=g)
+        net[0].running_var.uniform_(0.5, 2.0, generator=g)
+        net[2].weight.normal_(0, 1, generator=g)
+        net[2].bias.normal_(0, 0.1, generator=g)
+    return net.eval()
+
+
+def hand_step(gamma, beta, W, b, rm, rv, x, y, rho, K):
+    """One normalised ascent step of DWA, with the gradients of CE through eval-mode BN + linear written out."""
+    xhat = (x - rm) / torch.sqrt(rv + 1e-5)  # [N, C]
+    z = gamma * xhat + beta
+    logits = z @ W.T + b
+    G = (torch.softmax(logits, 1) - F.one_hot(y, W.shape[0]).double()) / x.shape[0]  # dCE/dlogits [N, K]
+    dW, db = G.T @ z, G.sum(0)
+    dz = G @ W
+    dgamma, dbeta = (dz * xhat).sum(0), dz.sum(0)
+    norm = torch.sqrt(sum((t ** 2).sum() for t in (dgamma, dbeta, dW, db)))
+    s = (rho / K) / (norm + 1e-12)
+    return gamma + s * dgamma, beta + s * dbeta, W + s * dW, b + s * db
+
+
+def test_directed_perturbation_matches_hand_computed_two_steps():
+    net = tiny_bn_classifier()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 1, 1, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 1])
+    theta0 = [p.detach().clone() for p in net.parameters()]
+    rm, rv = net[0].running_mean.clone(), net[0].running_var.clone()
+    rho, K = 0.3, 2
+    want = [t.clone() for t in theta0]
+    for _ in range(K):
+        want = list(hand_step(*want, rm, rv, x.view(5, 3), y, rho, K))
+    dwa_module.directed_perturbation(net, x, y, rho, K)
+    got = list(net.parameters())
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    dist = torch.sqrt(sum(((a.detach() - b) ** 2).sum() for a, b in zip(got, theta0)))
+    assert 0 < float(dist) <= rho * (1 + 1e-12)
+    assert torch.equal(net[0].running_mean, rm) and torch.equal(net[0].running_var, rv)  # stats untouched
+    assert not net.training
+    # ascent: the loss went up
+    with torch.no_grad():
+        before = copy.deepcopy(net)
+        for p, q in zip(before.parameters(), theta0):
+            p.copy_(q)
+        assert F.cross_entropy(net(x), y) > F.cross_entropy(before(x), y)
+
+
+@pytest.mark.parametrize("mode", ["reset", "accumulate"])
+def test_dwa_modes_start_each_perturbation_where_the_spec_says(mode, toy_teacher, monkeypatch):
+    ds = toy_dataset()
+    cls = get("dwa")
+    cfg = cls.config_cls(teacher=toy_teacher, ipc=2, iterations=2, batch_classes=2, rho=0.5, perturb_steps=3,
+                         dwa_mode=mode, seed=0)
+    m = cls(cfg, ds)
+    assert m.config.r_var == 11.0 and m.init_indices is not None  # cifar preset, real init
+    trained = [p.detach().clone() for p in m.teacher.parameters()]
+    stats = [b.detach().clone() for b in m.teacher.buffers()]
+    starts, ends = [], []
+    original = dwa_module.directed_perturbation
+
+    def recording(model, x, labels, rho, steps):
+        starts.append([p.detach().clone() for p in model.parameters()])
+        original(model, x, labels, rho, steps)
+        ends.append([p.detach().clone() for p in model.parameters()])
+
+    monkeypatch.setattr(dwa_module, "directed_perturbation", recording)
+    m.fit(progress=False)
+    assert len(starts) == 4  # one perturbation per unit: 2 IPC indices x 2 class batches
+
+    def same(a, b):
+        return all(torch.equal(s, t) for s, t in zip(a, b))
+
+    def dist(a, b):
+        return float(torch.sqrt(sum(((s - t) ** 2).sum() for s, t in zip(a, b))))
+
+    for u in range(4):
+        assert 0 < dist(ends[u], starts[u]) <= 0.5 * (1 + 1e-5)
+    assert same(starts[0], trained) and same(starts[2], trained)  # each IPC index starts from the teacher
+    if mode == "reset":
+        assert same(starts[1], trained) and same(starts[3], trained)
+    else:  # the second class batch continues from the first one's perturbed teacher
+        assert same(starts[1], ends[0]) and same(starts[3], ends[2])
+        assert dist(ends[1], trained) <= 1.0 * (1 + 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(m.teacher.buffers(), stats))  # running stats untouched
+
+
+def test_dwa_resume_restores_the_perturbed_teacher(toy_teacher):
+    ds = toy_dataset()
+    cls = get("dwa")
+    cfg = cls.config_cls(teacher=toy_teacher, ipc=1, iterations=4, batch_classes=2, perturb_steps=2, seed=2)
+    full = cls(cfg, ds).fit(progress=False)
+    half = cls(cfg, ds)
+    half.fit(6, progress=False)  # inside unit 1, after its perturbation (accumulated on unit 0's)
+    resumed = cls(cfg, ds)
+    resumed.load_state_dict(copy.deepcopy(half.state_dict()))
+    resumed.fit(progress=False)
+    assert torch.equal(resumed.synthetic_set()["images"], full.synthetic_set()["images"])
+
+
+def test_presets_and_validation(toy_teacher):
+    cls = get("dwa")
+    ds = toy_dataset()
+    for preset, want in (("cifar", (1000, 100, 11.0, 4, False, 12)), ("tiny", (2000, 200, 11.0, 4, True, 12)),
+                         ("imagenet", (2000, 100, 2.0, 32, True, 15))):
+        c = cls(cls.config_cls(teacher=toy_teacher, preset=preset, ipc=1), ds).config
+        assert (c.iterations, c.batch_classes, c.r_var, c.jitter, c.crop, c.perturb_steps) == want
+        assert c.rho == 0.015 and c.r_bn == 0.01 and c.first_bn_multiplier == 10.0
+    s = get("sre2l")
+    c = s(s.config_cls(teacher=toy_teacher, preset="imagenet", ipc=1, iterations=3), ds).config
+    assert (c.iterations, c.lr_img, c.jitter, c.crop, c.r_var) == (3, 0.25, 32, True, 1.0)  # flags beat the preset
+    with pytest.raises(ValueError, match="dwa_mode"):
+        cls.config_cls(teacher=toy_teacher, dwa_mode="sometimes").validate()
+    with pytest.raises(ValueError, match="teacher"):
+        cls.config_cls().validate()
+    with pytest.raises(ValueError, match="r_var"):
+        cls.config_cls(teacher=toy_teacher, r_var=-1.0).validate()
