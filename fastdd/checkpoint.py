@@ -125,3 +125,29 @@ def unwrap_state(payload: Any, identity: dict, path: str | os.PathLike, ignore=(
         raise UsageError(f"{path}: was written with {k}={old.get(k)!r}, this run has {k}={new.get(k)!r}; "
                          f"--resume needs the same options (or use --force)")
     return payload["state"]
+
+
+def check_run_meta(meta_path: str | os.PathLike, mine: dict, *, what: str, grows: str) -> None:
+    """Refuse (``ValueError`` naming the file) to resume the run whose metadata JSON is ``meta_path`` when
+    it is damaged, or its dataset / fingerprint or any config field but ``grows`` (a count the run may
+    extend) differs from ``mine`` ({"dataset", "fingerprint", "config": {...}}). ``what`` names the config
+    in the message. A missing file passes (nothing to resume)."""
+    import json
+
+    meta_path = Path(meta_path)
+    if not meta_path.exists():
+        return
+    try:
+        saved = json.loads(meta_path.read_text())
+        saved_cfg = dict(saved["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{meta_path}: damaged ({type(exc).__name__}: {exc})") from exc
+    for key in ("dataset", "fingerprint"):
+        if saved.get(key) != mine[key]:
+            raise ValueError(f"--resume: {meta_path} belongs to another dataset ({key} {saved.get(key)!r}, this "
+                             f"run has {mine[key]!r}); use another --out or --force")
+    want = mine["config"]
+    differing = sorted(k for k in want if k != grows and saved_cfg.get(k) != want[k])
+    if differing:
+        detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} vs {want[k]!r}" for k in differing)
+        raise ValueError(f"--resume: {what} differs from the one in {meta_path}: {detail}")

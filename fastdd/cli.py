@@ -286,15 +286,20 @@ def cmd_evaluate(args, _method_cls=None) -> int:
 
 
 # --------------------------------------------------------------------------------------------- pretrain
+def run_setup(config_cls, args, markers=()):
+    """The start of a command that trains into a fresh or resumed ``--out``: (the config built from the
+    flags, the checked ``--device``, the checked ``--out`` folder), each a clear user error if bad."""
+    cfg = make_config(config_cls, values_from_args(config_cls, args))
+    return cfg, check_device(args.device), check_out(args.out, args.resume, args.force, markers=markers)
+
+
 PRETRAIN_FILES = ("pretrain_state.pt", "premodel*_init.pt", "premodel*_trained.pt")
 
 
 def cmd_pretrain(args, _method_cls=None) -> int:
     from .experts import META_FILE, PretrainConfig, check_resume, pretrain_experts
 
-    cfg = make_config(PretrainConfig, values_from_args(PretrainConfig, args))
-    device = check_device(args.device)
-    out = check_out(args.out, args.resume, args.force, markers=(META_FILE,))
+    cfg, device, out = run_setup(PretrainConfig, args, markers=(META_FILE,))
     (train,) = _load_data(args.dataset, args.data_path, "train")
     prepare_out(out, args.force, patterns=PRETRAIN_FILES + (META_FILE,))
     start = time.perf_counter()
@@ -312,9 +317,7 @@ SQUEEZE_FILES = ("teacher.pt", "teacher.json", "squeeze_state.pt")
 def cmd_squeeze(args, _method_cls=None) -> int:
     from .squeeze import SqueezeConfig, check_resume, squeeze
 
-    cfg = make_config(SqueezeConfig, values_from_args(SqueezeConfig, args))
-    device = check_device(args.device)
-    out = check_out(args.out, args.resume, args.force, markers=("teacher.json",))
+    cfg, device, out = run_setup(SqueezeConfig, args, markers=("teacher.json",))
     train, test = _load_data(args.dataset, args.data_path, "train", "test") if args.test_accuracy else \
         (*_load_data(args.dataset, args.data_path, "train"), None)
     user_errors("", get_model_check, cfg.model, train)

@@ -297,8 +297,7 @@ def train_stacked(
     """
     if protocol == "kd":
         return train_stacked_kd(train_images, train_labels, test_images, test_labels, num_classes, cfg,
-                                dataset_name=dataset_name, model_seeds=model_seeds, generator=generator,
-                                progress=progress)
+                                model_seeds=model_seeds, generator=generator, progress=progress)
     m_models, n = train_images.shape[:2]
     if protocol == "idc":
         from .idc import IDCAugment, cutmix, cutmix_loss, multistep_lr
@@ -331,19 +330,9 @@ def train_stacked(
     return torch.stack(checkpoints, dim=1) if protocol == "idc" else checkpoints[0]
 
 
-def train_stacked_kd(
-    train_images: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_images: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int,
-    cfg: EvalConfig,
-    *,
-    dataset_name: str = "",
-    model_seeds: Sequence[int],
-    generator: torch.Generator,
-    progress: bool = False,
-) -> torch.Tensor:
+def train_stacked_kd(train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
+                     test_labels: torch.Tensor, num_classes: int, cfg: EvalConfig, *, model_seeds: Sequence[int],
+                     generator: torch.Generator, progress: bool = False) -> torch.Tensor:
     """The soft-label KD protocol (:mod:`fastdd.kd`) for M stacked students; returns test accuracies [M].
 
     Every epoch (lr cosine per epoch, AdamW with decay on >1-d tensors only), every model's shuffled

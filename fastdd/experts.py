@@ -32,7 +32,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .checkpoint import atomic_write, save_atomic
+from .checkpoint import atomic_write, check_run_meta, save_atomic
 from .checkpoint import load as load_checkpoint
 from .data import ClassSampler, ImageDataset
 from .idc import IDCAugment, cutmix, cutmix_loss, multistep_lr
@@ -193,24 +193,11 @@ def check_resume(out_dir, train: ImageDataset, cfg: PretrainConfig) -> None:
     dataset or configuration, or when its files are damaged."""
     from .errors import UsageError
 
-    meta_path = Path(out_dir) / META_FILE
-    if not meta_path.exists():
-        return
     try:
-        saved = json.loads(meta_path.read_text())
-        saved_cfg = dict(saved["config"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{meta_path}: damaged ({type(exc).__name__}: {exc})") from exc
-    mine = _meta(train, cfg, 0)
-    for key in ("dataset", "fingerprint"):
-        if saved.get(key) != mine[key]:
-            raise UsageError(f"--resume: {meta_path} belongs to another dataset ({key} {saved.get(key)!r}, this "
-                             f"run has {mine[key]!r}); use another --out or --force")
-    want = mine["config"]
-    differing = sorted(k for k in want if k != "models" and saved_cfg.get(k) != want[k])
-    if differing:
-        raise UsageError("--resume: pre-training configuration differs from the one in "
-                         f"{meta_path}: {', '.join(f'{k}: {saved_cfg.get(k)!r} vs {want[k]!r}' for k in differing)}")
+        check_run_meta(Path(out_dir) / META_FILE, _meta(train, cfg, 0), what="pre-training configuration",
+                       grows="models")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     state_path = Path(out_dir) / STATE_FILE
     if state_path.exists():
         load_checkpoint(state_path)  # a damaged state file: UsageError naming it

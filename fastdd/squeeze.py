@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write, dataset_fingerprint, save_atomic
+from .checkpoint import atomic_write, check_run_meta, dataset_fingerprint, save_atomic
 from .checkpoint import load as load_checkpoint
 from .crops import random_crop_flip
 from .data import ImageDataset, stratified_subset
@@ -115,24 +115,7 @@ def accuracy(net, test: ImageDataset, device, batch_size: int = 500) -> float:
 def check_resume(out_dir, train: ImageDataset, cfg: SqueezeConfig) -> None:
     """Refuse (ValueError) to resume the squeeze in ``out_dir`` with another dataset or recipe (``epochs``
     may grow)."""
-    meta_path = Path(out_dir) / TEACHER_META
-    if not meta_path.exists():
-        return
-    try:
-        saved = json.loads(meta_path.read_text())
-        saved_cfg = dict(saved["config"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"--resume: {meta_path} is damaged ({type(exc).__name__}: {exc})") from exc
-    mine = _meta(train, cfg, 0, None)
-    for key in ("dataset", "fingerprint"):
-        if saved.get(key) != mine[key]:
-            raise ValueError(f"--resume: {meta_path} belongs to another dataset ({key} {saved.get(key)!r}, this run "
-                             f"has {mine[key]!r}); use another --out or --force")
-    want = mine["config"]
-    differing = sorted(k for k in want if k != "epochs" and saved_cfg.get(k) != want[k])
-    if differing:
-        detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} vs {want[k]!r}" for k in differing)
-        raise ValueError(f"--resume: squeeze recipe differs from the one in {meta_path}: {detail}")
+    check_run_meta(Path(out_dir) / TEACHER_META, _meta(train, cfg, 0, None), what="squeeze recipe", grows="epochs")
 
 
 def squeeze(train: ImageDataset, cfg: SqueezeConfig, out_dir, *, test: Optional[ImageDataset] = None,

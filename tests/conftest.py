@@ -24,6 +24,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module of small per-step tensors (a second OpenMP thread only adds
+    synchronisation there); the count is restored after the module. Use with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def digits_train():
     from fastdd.data import load_dataset

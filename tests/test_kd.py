@@ -14,14 +14,7 @@ from fastdd.evaluate import evaluate_synset, protocol_config
 from fastdd.kd import adamw_groups, cosine_epoch_lr, kd_loss, mixup_groups
 from fastdd.squeeze import SqueezeConfig, squeeze
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small per-step tensors: a second OpenMP thread only adds synchronisation on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_kd_loss_is_batchmean_kl_per_model_summed():

@@ -23,13 +23,7 @@ TEACHER = dict(model="ConvNetW32BN", epochs=5, train_subset=3000, lr=0.05, batch
 KD = dict(epochs=100, batch_size=100, num_models=1, model="ConvNetW32", compile="off")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small per-step tensors: a second OpenMP thread only adds synchronisation on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,9 @@ import warnings
 
 import pytest
 import torch
+import triton_interpreter as shared
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from triton_interpreter import (
-    CPU_BACKENDS,
-    INTERPRETING_FROM_START,
-    compile_for_gpu,
-    feature_pair_bad_cases,
-    native_kernels,
-    run_triton_cases_in_child,
-    select_cpu_backend,
-    spy_resolved_backends,
-)
 
 from fastdd.matchers import MMDMatcher
 from fastdd.ops import _backend
@@ -38,14 +29,14 @@ from fastdd.ops._backend import BackendUnavailableError
 
 BANDWIDTHS = [1.5, 4.0]
 
-HAS_CPP, needs_cpp = native_kernels("class_mmd_fwd")
+HAS_CPP, needs_cpp = shared.native_kernels("class_mmd_fwd")
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 @pytest.fixture
 def cpu_backend(request):
     """Parametrised backend name; 'triton' only runs when the interpreter was on from the start."""
-    return select_cpu_backend(request.param, HAS_CPP, "class_mmd")
+    return shared.select_cpu_backend(request.param, HAS_CPP, "class_mmd")
 
 
 
@@ -122,7 +113,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("cpu_backend", shared.CPU_BACKENDS, indirect=True)
 @pytest.mark.parametrize("kind", ["linear", "gaussian"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_float64_reference(cpu_backend, kind, shape):
@@ -153,7 +144,7 @@ def test_gaussian_multiple_tiles(cpu_backend):
     check_against_reference("gaussian", cpu_backend, case, torch.float32)
 
 
-@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("cpu_backend", shared.CPU_BACKENDS, indirect=True)
 def test_class_means(cpu_backend):
     x = torch.randn(23, 70)
     labels = torch.randint(0, 5, (23,))
@@ -222,10 +213,10 @@ def test_real_without_grad_and_single_bandwidth():
         torch.testing.assert_close(gs.double(), gref, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.skipif(INTERPRETING_FROM_START, reason="already inside the interpreter run")
+@pytest.mark.skipif(shared.INTERPRETING_FROM_START, reason="already inside the interpreter run")
 def test_triton_interpreter_subprocess():
     """Run every ``triton`` case of this file in a child pytest with TRITON_INTERPRET=1 set at start."""
-    run_triton_cases_in_child(__file__)
+    shared.run_triton_cases_in_child(__file__)
 
 
 # ---------------------------------------------------------------------------------- gradcheck / opcheck
@@ -280,7 +271,7 @@ def test_compile_fullgraph_matches_eager(kernel):
 # ------------------------------------------------------------------------------------ backend choice
 def test_env_forces_backend(monkeypatch):
     real, rl, syn, sl, k = make_case(10, 5, 4, 2)
-    seen = spy_resolved_backends(monkeypatch, "class_mmd_fwd")
+    seen = shared.spy_resolved_backends(monkeypatch, "class_mmd_fwd")
     monkeypatch.setenv("FASTDD_BACKEND", "torch")
     ops.class_mmd(real, rl, syn, sl, k)
     assert seen == ["torch"]
@@ -312,7 +303,7 @@ def test_automatic_fallback_warns_once(monkeypatch):
     monkeypatch.setattr(_backend, "native_has_op", lambda op: False)
     monkeypatch.setattr(_backend, "_warned", set())
     real, rl, syn, sl, k = make_case(10, 5, 4, 2)
-    seen = spy_resolved_backends(monkeypatch, "class_mmd_fwd")
+    seen = shared.spy_resolved_backends(monkeypatch, "class_mmd_fwd")
     with pytest.warns(RuntimeWarning, match="using 'closed_form'"):
         ops.class_mmd(real, rl, syn, sl, k)
     with warnings.catch_warnings():
@@ -329,7 +320,7 @@ def _bad(**changes):
     return args
 
 
-BAD = feature_pair_bad_cases("real", "syn", 12, 6, 5) + [
+BAD = shared.feature_pair_bad_cases("real", "syn", 12, 6, 5) + [
     (dict(real_labels=torch.full((12,), 3)), ValueError, r"real_labels: labels must lie in \[0, 3\)"),
     (dict(syn_labels=torch.tensor([0, 1, 2, 0, 1, -1])), ValueError, r"syn_labels: labels must lie"),
     (dict(num_classes=0), ValueError, r"num_classes: must be >= 1"),
@@ -394,8 +385,7 @@ def test_native_kernel_rejects_out_of_range_labels():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_backends(backend, dtype, kind, shape):
-    if not _backend.backend_available(backend, "cuda", "class_mmd_fwd"):
-        pytest.skip(f"backend {backend} not available")
+    shared.require_gpu_backend(backend, "class_mmd_fwd")
     nr, ns, d, k = shape
     case = make_case(nr, ns, d, k, dtype=dtype, device="cuda", scale=0.05 if kind == "gaussian" else 1.0)
     check_against_reference(kind, backend, case, dtype, grad_scale=2.0)
@@ -405,8 +395,7 @@ def test_gpu_backends(backend, dtype, kind, shape):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_class_means_and_compile(backend):
-    if not _backend.backend_available(backend, "cuda", "class_mmd_fwd"):
-        pytest.skip(f"backend {backend} not available")
+    shared.require_gpu_backend(backend, "class_mmd_fwd")
     x = torch.randn(300, 129, device="cuda")
     labels = torch.randint(0, 7, (300,), device="cuda")
     got = ops.class_means(x, labels, 8, backend=backend)
@@ -439,4 +428,4 @@ def test_triton_gaussian_kernels_compile_for_gpu(monkeypatch, tmp_path):
             out += [(k._pair_sum_kernel, sig, consts), (k._pair_grad_kernel, grad_sig, consts)]
         return out
 
-    compile_for_gpu(specs, monkeypatch, tmp_path)
+    shared.compile_for_gpu(specs, monkeypatch, tmp_path)

@@ -24,6 +24,7 @@ from triton_interpreter import (
     compile_for_gpu,
     feature_pair_bad_cases,
     native_kernels,
+    require_gpu_backend,
     run_triton_cases_in_child,
     select_cpu_backend,
     spy_resolved_backends,
@@ -411,8 +412,7 @@ def test_native_kernel_checks_shapes():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_backends(backend, dtype, form, shape):
-    if not _backend.backend_available(backend, "cuda", "infonce_fwd"):
-        pytest.skip(f"backend {backend} not available")
+    require_gpu_backend(backend, "infonce_fwd")
     ns, nr, d, k = shape
     check(backend, make_case(ns, nr, d, k, dtype=dtype, device="cuda"), dtype, form, {}, grad_scale=2.0)
 
@@ -421,8 +421,7 @@ def test_gpu_backends(backend, dtype, form, shape):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_compile_and_memory(backend):
-    if not _backend.backend_available(backend, "cuda", "infonce_fwd"):
-        pytest.skip(f"backend {backend} not available")
+    require_gpu_backend(backend, "infonce_fwd")
     syn, sl, real, rl = make_case(64, 96, 32, 4, device="cuda")
     matcher = torch.compile(InfoNCEMatcher(backend=backend, symmetric=True), fullgraph=True)
     l1, *_ = run(lambda s, r: matcher(s, sl, r, rl), syn, real)

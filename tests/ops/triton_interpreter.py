@@ -115,3 +115,9 @@ def compile_for_gpu(make_specs, monkeypatch, tmp_path) -> None:
     for fn, sig, consts in make_specs():
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
         assert compiled.asm.get("ptx"), f"{fn.__name__}: no PTX"
+
+
+def require_gpu_backend(backend: str, kernel: str) -> None:
+    """Skip a GPU test whose ``backend`` cannot run ``kernel`` here (the gpu marker skips it without CUDA)."""
+    if not _backend.backend_available(backend, "cuda", kernel):
+        pytest.skip(f"backend {backend} not available")
