@@ -129,13 +129,12 @@ def run_gm_sizes(s: Setting, sizes: List[int], gen: torch.Generator) -> List[Out
     per size the fresh init W0' and the random real subset."""
     t0 = time.perf_counter()
     cfg = s.config
-    from .network import stage1_direction
 
     sizes = [int(m) for m in sizes]
     if not sizes or min(sizes) < 1:
         raise ValueError(f"sizes must be >= 1, got {sizes}")
     R, M, d = cfg.gm_restarts, max(sizes), s.task.d
-    target = stage1_direction(s.net, s.X1, s.y1)
+    target = s.gm_target()
     X = torch.zeros(len(sizes) * R, M, d, dtype=s.X1.dtype)
     y = torch.zeros(len(sizes) * R, M, dtype=s.X1.dtype)
     mask = torch.zeros(len(sizes) * R, M, dtype=s.X1.dtype)
