@@ -69,6 +69,9 @@ def parse(argv=None):
     p.add_argument("--c-seeds", type=int, default=None, help="seeds 0..N-1 for variant C (full: 1)")
     p.add_argument("--gm-steps", type=int, default=None)
     p.add_argument("--gm-restarts", type=int, default=None)
+    p.add_argument("--gm-target", default="stage1", choices=["stage1", "population"],
+                   help="variant A matches G(D) on the n1 stage-1 points (default) or, as a diagnostic, the "
+                        "stage-1 direction on max(n1_good, 40 d^2) fresh points (a population proxy)")
     p.add_argument("--pm-steps", type=int, default=None)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--link", default="quadratic", choices=["quadratic", "diag"])
@@ -97,6 +100,7 @@ def run(a) -> list:
     cells = [(d, r, seed) for d in a.d for r in a.r if r <= d for seed in range(a.seeds)]
     a.cells_done, a.cells_total = 0, len(cells)
     cfg = StudyConfig(width=a.width, link=a.link, gm_steps=a.gm_steps, gm_restarts=a.gm_restarts, pm_steps=a.pm_steps,
+                      gm_target=a.gm_target,
                       n1_good=20000 if a.quick else 100000, n_test=4000 if a.quick else 10000)
     rows = []
     for d in a.d:
@@ -195,7 +199,8 @@ def write(a, rows, summary, crit, head):
              f"Command: `python benchmarks/multi_index.py {' '.join(sys.argv[1:])}`", "",
              f"Grid: d {a.d}, r {a.r}, seeds {a.seeds}, variants {a.variants} (C on d {a.c_d}, r {a.c_r}, "
              f"{a.c_seeds} seed(s)); "
-             f"L {a.width}, link {a.link}, GM {a.gm_steps} steps x {a.gm_restarts} restarts, PM {a.pm_steps} steps.",
+             f"L {a.width}, link {a.link}, GM {a.gm_steps} steps x {a.gm_restarts} restarts (target {a.gm_target}), "
+             f"PM {a.pm_steps} steps.",
              "", "## m* per (variant, d, r) (medians over seeds)", "",
              "| variant | d | r | m* | M* | NMSE_ref | NMSE at m* | fresh W0' | random subset | E_U | min cos | seeds with m* |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

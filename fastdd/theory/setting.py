@@ -29,6 +29,7 @@ class StudyConfig:
     gm_lr: float = 0.02
     gm_restarts: int = 3
     gm_norm: str = "global"     # "global" (Frobenius-normalised G) | "per_neuron" (row-wise cosines)
+    gm_target: str = "stage1"   # "stage1" (G(D) on the n1 stage-1 points) | "population" (diagnostic, n1_good points)
     pm_steps: int = 1000        # variant C (Adam)
     pm_lr: float = 0.01
     pm_batch: int = 512         # real points per PM step (fresh draw from the stage-2 pool)
@@ -43,6 +44,8 @@ class StudyConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gm_norm not in ("global", "per_neuron"):
             raise ValueError(f"gm_norm must be 'global' or 'per_neuron', got {self.gm_norm!r}")
+        if self.gm_target not in ("stage1", "population"):
+            raise ValueError(f"gm_target must be 'stage1' or 'population', got {self.gm_target!r}")
         if self.b_inputs not in ("subspace", "gaussian"):
             raise ValueError(f"b_inputs must be 'subspace' or 'gaussian', got {self.b_inputs!r}")
         if self.n1_factor <= 0:
@@ -68,6 +71,7 @@ class Setting:
     seed: int
     reference: TrainedModel = None
     _good: Optional[TrainedModel] = field(default=None, repr=False)
+    _good_direction: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def nmse_ref(self) -> float:
@@ -87,12 +91,12 @@ class Setting:
         d = self.task.d
         return max(self.config.n1_good, int(math.ceil(self.config.n1_good_factor * d * d)))
 
-    def good_reference(self, chunk: int = 16384) -> TrainedModel:
-        """Stage 1 on :attr:`n1_good` fresh samples + real stage 2 (variant B's W1 and its reference), cached.
+    def good_direction(self, chunk: int = 16384) -> torch.Tensor:
+        """Stage-1 direction G [L, d] (before row normalisation) on :attr:`n1_good` fresh samples, cached.
 
-        The stage-1 direction is accumulated over chunks of ``chunk`` samples (the [n, L] sigmoid matrix of
-        1.6e5 samples would take 0.7 GB); the result equals one pass up to rounding."""
-        if self._good is None:
+        A proxy for the population gradient. It is accumulated over chunks of ``chunk`` samples (the [n, L]
+        sigmoid matrix of 1.6e5 samples would take 0.7 GB); the result equals one pass up to rounding."""
+        if self._good_direction is None:
             gen = torch.Generator().manual_seed(10_000 + self.seed)
             n = self.n1_good
             G = torch.zeros_like(self.net.W0)
@@ -102,9 +106,24 @@ class Setting:
                 X, y = self.task.sample(k, gen)
                 G += stage1_direction(self.net, X, y) * k
                 done += k
-            W1 = normalise_rows(G / n)
+            self._good_direction = G / n
+        return self._good_direction
+
+    def good_reference(self, chunk: int = 16384) -> TrainedModel:
+        """Stage 1 on :attr:`n1_good` fresh samples (:meth:`good_direction`) + real stage 2: variant B's W1 and
+        its reference, cached."""
+        if self._good is None:
+            W1 = normalise_rows(self.good_direction(chunk))
             self._good = stage2(W1, self.b2, self.X2, self.y2, self.config.lam)
         return self._good
+
+    def gm_target(self) -> torch.Tensor:
+        """The stage-1 direction variant A matches (``config.gm_target``): G(D) on the n1 stage-1 points
+        (``"stage1"``, the full-data training being distilled) or :meth:`good_direction` (``"population"``,
+        a diagnostic: it distils a better stage 1 than the full-data reference has)."""
+        if self.config.gm_target == "population":
+            return self.good_direction()
+        return stage1_direction(self.net, self.X1, self.y1)
 
 
 def make_setting(d: int, r: int, seed: int, config: Optional[StudyConfig] = None) -> Setting:

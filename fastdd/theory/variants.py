@@ -9,6 +9,9 @@ and the stored floats.
 * ``A`` stage 1 only: gradient matching of the normalised stage-1 direction (GM-1); stage 2 uses the
   real n2 points. Inputs and labels initialised from random real samples, Adam, restarts run as one
   batch (Adam is element-wise, so they are independent), the restart with the lowest GM loss is kept.
+  The matched direction is ``Setting.gm_target()``: G(D) on the n1 stage-1 points by default, or a
+  population proxy (``StudyConfig.gm_target="population"``, a diagnostic). The distilled stage-1 rows lie in the
+  span of the m points, so at small m the NMSE is limited by how well G(D) fixes span(Uᵀ). See the README.
 * ``B`` stage 2 only: W1 from a stage 1 on ``n1_good`` real samples; inputs Uᵀg (or Gaussian, control);
   labels by the closed-form least squares y~ = lstsq(Φ_R M, y_R), M the ridge operator of the inputs.
 * ``C`` joint performance matching: one set serves both stages; back-propagation through the normalised
@@ -129,13 +132,12 @@ def run_gm_sizes(s: Setting, sizes: List[int], gen: torch.Generator) -> List[Out
     per size the fresh init W0' and the random real subset."""
     t0 = time.perf_counter()
     cfg = s.config
-    from .network import stage1_direction
 
     sizes = [int(m) for m in sizes]
     if not sizes or min(sizes) < 1:
         raise ValueError(f"sizes must be >= 1, got {sizes}")
     R, M, d = cfg.gm_restarts, max(sizes), s.task.d
-    target = stage1_direction(s.net, s.X1, s.y1)
+    target = s.gm_target()
     X = torch.zeros(len(sizes) * R, M, d, dtype=s.X1.dtype)
     y = torch.zeros(len(sizes) * R, M, dtype=s.X1.dtype)
     mask = torch.zeros(len(sizes) * R, M, dtype=s.X1.dtype)
