@@ -47,13 +47,14 @@ def _reference_layout_convnet(channel=1, width=16, depth=2, classes=10):
 
 
 def test_reference_layout_state_dict_loads_and_gives_same_embed_and_logits():
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     features, classifier = _reference_layout_convnet()
     ref = nn.Module()
     ref.features, ref.classifier = features, classifier
+    _randomise(ref, g)
     net = N.ConvNet(1, 10, net_width=16, net_depth=2, im_size=(28, 28))
     net.load_state_dict(ref.state_dict())  # strict: same names and shapes
-    x = torch.randn(5, 1, 28, 28)
+    x = torch.randn(5, 1, 28, 28, generator=g)
     emb = features(x).flatten(1)
     torch.testing.assert_close(net.embed(x), emb)
     torch.testing.assert_close(net(x), classifier(emb))
@@ -118,3 +119,129 @@ def test_small_helpers_follow_the_reference():
     assert len(ds) == 3 and int(ds[2][1]) == 2
     with pytest.raises(ValueError, match="dataset"):
         U.get_dataset("SVHN", None)
+
+
+# ---------------------------------------------------------------- reference layouts beyond the 1-channel ConvNet
+# Each builder below is an independent torch.nn construction of the reference network's module layout (names,
+# shapes, forward order) written for these tests; a compat network must load its state dict strictly and
+# give the same logits (BatchNorm in eval mode with non-trivial running statistics).
+
+class _RefBasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class _RefResNet18BN(nn.Module):
+    """Reference ResNet18BN: conv1/bn1, layer1..4 of two basic blocks, avg_pool2d(., 4), classifier."""
+
+    def __init__(self, channel, classes):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channel, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)
+        cin = 64
+        for i, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), 1):
+            setattr(self, f"layer{i}", nn.Sequential(_RefBasicBlock(cin, planes, stride),
+                                                     _RefBasicBlock(planes, planes, 1)))
+            cin = planes
+        self.classifier = nn.Linear(512, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
+        return self.classifier(torch.nn.functional.avg_pool2d(h, 4).flatten(1))
+
+
+class _RefFeaturesHead(nn.Module):
+    """``features`` Sequential, flatten, then named linear layers with ReLU between them (LeNet: fc_1..fc_3)."""
+
+    def __init__(self, features, heads):
+        super().__init__()
+        self.features = features
+        self.head_names = [name for name, _ in heads]
+        for name, layer in heads:
+            setattr(self, name, layer)
+
+    def forward(self, x):
+        h = self.features(x).flatten(1)
+        for i, name in enumerate(self.head_names):
+            h = getattr(self, name)(h)
+            h = torch.relu(h) if i + 1 < len(self.head_names) else h
+        return h
+
+
+def _ref_lenet(channel, classes):
+    f = nn.Sequential(nn.Conv2d(channel, 6, 5, padding=2 if channel == 1 else 0), nn.ReLU(), nn.MaxPool2d(2, 2),
+                      nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2, 2))
+    return _RefFeaturesHead(f, [("fc_1", nn.Linear(400, 120)), ("fc_2", nn.Linear(120, 84)),
+                                ("fc_3", nn.Linear(84, classes))])
+
+
+def _ref_alexnet_bn(channel, classes):
+    layers, cin = [], channel
+    for cout, k, pad, pool in ((128, 5, 4 if channel == 1 else 2, True), (192, 5, 2, True), (256, 3, 1, False),
+                               (192, 3, 1, False), (192, 3, 1, True)):
+        layers += [nn.Conv2d(cin, cout, k, padding=pad), nn.BatchNorm2d(cout), nn.ReLU()]
+        layers += [nn.MaxPool2d(2, 2)] if pool else []
+        cin = cout
+    return _RefFeaturesHead(nn.Sequential(*layers), [("fc", nn.Linear(192 * 16, classes))])
+
+
+def _ref_vgg11(channel, classes, batchnorm):
+    layers, cin = [], channel
+    for i, v in enumerate((64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")):
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+            continue
+        norm = nn.BatchNorm2d(v) if batchnorm else nn.GroupNorm(v, v, affine=True)
+        layers += [nn.Conv2d(cin, v, 3, padding=3 if channel == 1 and i == 0 else 1), norm, nn.ReLU()]
+        cin = v
+    layers.append(nn.AvgPool2d(1, 1))
+    return _RefFeaturesHead(nn.Sequential(*layers), [("classifier", nn.Linear(512, classes))])
+
+
+def _ref_convnet(channel, classes):
+    features, classifier = _reference_layout_convnet(channel=channel, width=16, depth=3, classes=classes)
+    return _RefFeaturesHead(features, [("classifier", classifier)])
+
+
+def _randomise(module, g):
+    """Fill every floating tensor of the state dict from ``g`` (running variances kept positive)."""
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("running_var")
+                        else 0.2 * torch.randn(t.shape, generator=g))
+
+
+@pytest.mark.parametrize("name,channel,make_ref", [
+    ("ConvNet", 3, _ref_convnet),
+    ("LeNet", 1, _ref_lenet),
+    ("LeNet", 3, _ref_lenet),
+    ("AlexNetBN", 1, _ref_alexnet_bn),
+    ("VGG11", 3, lambda c, k: _ref_vgg11(c, k, False)),
+    ("VGG11BN", 1, lambda c, k: _ref_vgg11(c, k, True)),
+    ("ResNet18BN", 3, _RefResNet18BN),
+    ("ResNet18BN", 1, _RefResNet18BN),
+])
+def test_reference_layout_state_dicts_of_other_networks_load_and_give_same_logits(name, channel, make_ref):
+    g = torch.Generator().manual_seed(11)
+    ref = make_ref(channel, 10)
+    _randomise(ref, g)
+    if name == "ConvNet":
+        net = N.ConvNet(channel, 10, net_width=16, net_depth=3, im_size=(32, 32))
+    else:
+        net = getattr(N, name)(channel, 10)
+    net.load_state_dict(ref.state_dict())  # strict: same names and shapes
+    ref.eval(), net.eval()
+    side = 28 if channel == 1 else 32
+    x = torch.randn(3, channel, side, side, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x), rtol=1e-4, atol=1e-5)
