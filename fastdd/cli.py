@@ -165,6 +165,10 @@ def _load_data(name: str, root, *splits):
 
 
 # --------------------------------------------------------------------------------------------- parser
+#: EvalConfig fields continual does not expose (its seed is the method's; stored soft labels are per set)
+CONTINUAL_EVAL_SKIP = ("seed", "dsa_strategy", "soft_labels", "workers")
+
+
 def build_parser(method_name: str = "dm") -> argparse.ArgumentParser:
     """The full ``fastdd`` parser; distill/continual carry the flags of ``method_name``'s config."""
     from . import methods
@@ -202,7 +206,7 @@ def build_parser(method_name: str = "dm") -> argparse.ArgumentParser:
     add_config_flags(p, ContinualRun)
     add_config_flags(p, cls.config_cls)
     add_config_flags(p, ContinualConfig, skip=("seed",))
-    add_config_flags(p, EvalConfig, prefix="eval_", skip=("seed", "dsa_strategy"),
+    add_config_flags(p, EvalConfig, prefix="eval_", skip=CONTINUAL_EVAL_SKIP,
                      aliases={"epochs": "--epochs", "num_models": "--models"})
     p = sub.add_parser("show", help="list methods/datasets/models/backends, or describe a run")
     p.add_argument("what", help="methods | datasets | models | backends | DIR")
@@ -447,7 +451,7 @@ def cmd_continual(args, method_cls) -> int:
 
     config = make_config(method_cls.config_cls, values_from_args(method_cls.config_cls, args))
     cl = make_config(ContinualConfig, dict(values_from_args(ContinualConfig, args, skip=("seed",)), seed=config.seed))
-    ev_values = values_from_args(EvalConfig, args, prefix="eval_", skip=("seed", "dsa_strategy"))
+    ev_values = values_from_args(EvalConfig, args, prefix="eval_", skip=CONTINUAL_EVAL_SKIP)
     ev_values.setdefault("model", config.model)
     ev = make_config(EvalConfig, dict(ev_values, dsa_strategy=config.dsa_strategy))
     device = check_device(args.device)

@@ -252,3 +252,17 @@ def test_cli_relabel_and_soft_label_errors_name_the_argument(digits_run, tmp_pat
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and flag in err and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_rrc_boxes_fit_and_follow_the_area_and_ratio_rule():
+    from fastdd.crops import rrc_boxes
+
+    boxes = rrc_boxes(2000, 12, 20, torch.Generator().manual_seed(0))
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 12).all() and (left + w <= 20).all()
+    assert (h > 0).all() and (w > 0).all()
+    frac = (h * w).double() / 240
+    assert frac.min() >= 0.04 and frac.max() <= 1  # area in [0.08, 1] up to the rounding of h and w
+    assert (w.double() / h).min() >= 0.5 and (w.double() / h).max() <= 2.0  # ratio in [3/4, 4/3] up to rounding
+    assert len({tuple(b) for b in boxes.tolist()}) > 500  # independent per image
+    assert torch.equal(boxes, rrc_boxes(2000, 12, 20, torch.Generator().manual_seed(0)))
