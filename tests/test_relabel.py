@@ -12,8 +12,17 @@ from safetensors.torch import load_file
 
 from fastdd.cli import main
 from fastdd.data import ImageDataset
-from fastdd.relabel import (RelabelConfig, RelabelStore, decode_logits, encode_logits, epoch_file,
-                            reference_batch_bytes, relabel_set, replay_loader, storage_report)
+from fastdd.relabel import (
+    RelabelConfig,
+    RelabelStore,
+    decode_logits,
+    encode_logits,
+    epoch_file,
+    reference_batch_bytes,
+    relabel_set,
+    replay_loader,
+    storage_report,
+)
 from fastdd.squeeze import SqueezeConfig, squeeze
 from fastdd.teacher import load_teacher
 
