@@ -165,6 +165,10 @@ def _load_data(name: str, root, *splits):
 
 
 # --------------------------------------------------------------------------------------------- parser
+#: EvalConfig fields continual does not expose (its seed is the method's; stored soft labels are per set)
+CONTINUAL_EVAL_SKIP = ("seed", "dsa_strategy", "soft_labels", "workers")
+
+
 def build_parser(method_name: str = "dm") -> argparse.ArgumentParser:
     """The full ``fastdd`` parser; distill/continual carry the flags of ``method_name``'s config."""
     from . import methods
@@ -183,6 +187,12 @@ def build_parser(method_name: str = "dm") -> argparse.ArgumentParser:
                        "a same-size real subset; writes DIR/eval.json.")
     add_config_flags(p, EvaluateRun)
     add_config_flags(p, EvalConfig, aliases={"num_models": "--models"})
+    from .relabel import RelabelConfig
+
+    p = sub.add_parser("relabel", help="store FKD-style soft labels of a set (SRe2L relabel)", description="Store "
+                       "per epoch and batch the crops, flips, mixes and the teacher's logits (fastdd.relabel).")
+    add_config_flags(p, RelabelRun)
+    add_config_flags(p, RelabelConfig)
     p = sub.add_parser("pretrain", help="pre-train DANCE experts", description="Pre-train DANCE experts "
                        "(init + trained weights of K networks) on a real training set.")
     add_config_flags(p, PretrainRun)
@@ -196,7 +206,7 @@ def build_parser(method_name: str = "dm") -> argparse.ArgumentParser:
     add_config_flags(p, ContinualRun)
     add_config_flags(p, cls.config_cls)
     add_config_flags(p, ContinualConfig, skip=("seed",))
-    add_config_flags(p, EvalConfig, prefix="eval_", skip=("seed", "dsa_strategy"),
+    add_config_flags(p, EvalConfig, prefix="eval_", skip=CONTINUAL_EVAL_SKIP,
                      aliases={"epochs": "--epochs", "num_models": "--models"})
     p = sub.add_parser("show", help="list methods/datasets/models/backends, or describe a run")
     p.add_argument("what", help="methods | datasets | models | backends | DIR")
@@ -262,9 +272,18 @@ def cmd_evaluate(args, _method_cls=None) -> int:
         defaults["dsa_strategy"] = config.get("dsa_strategy", "")
     if cfg.protocol == "kd":  # the set's own teacher (sre2l / dwa) unless --teacher is given
         defaults["teacher"] = config.get("teacher", "")
+    store = None
+    if cfg.soft_labels:  # stored relabel: its teacher, epochs, batch and temperature unless given
+        from .relabel import RelabelStore
+
+        store = flag_errors(RelabelStore, cfg.soft_labels)
+        defaults.update(teacher=store.meta.get("teacher") or defaults.get("teacher", ""), epochs=store.epochs,
+                        batch_size=store.config.batch_size, temperature=store.config.fold_temperature)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
     train, test = _load_data(meta["dataset"], args.data_path, "train", "test")
-    if cfg.protocol == "kd":
+    if store is not None:
+        _check_store(store, syn, cfg, train, needs_teacher=args.baseline)
+    elif cfg.protocol == "kd":
         if not cfg.teacher:
             raise UsageError("--teacher: the kd protocol needs a teacher (a `fastdd squeeze` directory or "
                              "resnet18:PATH); this set records none")
@@ -282,6 +301,83 @@ def cmd_evaluate(args, _method_cls=None) -> int:
     report["dataset"], report["ipc"] = meta["dataset"], config.get("ipc")
     atomic_write(Path(args.dir, "eval.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     print(f"{meta['dataset']} IPC {config.get('ipc')} ({meta['method']}): {result.summary()}")
+    return 0
+
+
+def _check_store(store, syn, cfg, train, needs_teacher: bool) -> None:
+    """``evaluate --soft-labels``: the store fits the set, the student's epochs / batch and the teacher;
+    the errors name the flag (``--epochs``, ``--batch-size``, ``--teacher``, ``--soft-labels``)."""
+    from .teacher import load_teacher
+
+    teacher = None
+    if cfg.teacher:
+        teacher = flag_errors(load_teacher, cfg.teacher, train.channels, train.num_classes, train.image_size)[0]
+    elif needs_teacher:
+        raise UsageError("--teacher: the random baseline is labelled online (no soft labels are stored for it) and "
+                         "no teacher is known; pass --teacher or --no-baseline")
+    flag_errors(store.check_for, syn["images"], syn["labels"], epochs=cfg.epochs, batch_size=cfg.batch_size,
+                teacher=teacher)
+
+
+def flag_errors(fn: Callable, *args, **kwargs):
+    """Call ``fn``; its ValueError / OSError "field: message" becomes the UsageError "--field: message"."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, OSError) as exc:
+        head, sep, rest = str(exc).partition(": ")
+        raise UsageError(f"--{head.replace('_', '-')}: {rest}" if sep and head.isidentifier() else str(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------------- relabel
+@dataclasses.dataclass
+class RelabelRun:
+    """Run options of ``fastdd relabel``."""
+
+    dir: str = dataclasses.field(metadata={"help": "directory written by `fastdd distill`", "positional": True})
+    teacher: str = ""  # teacher spec (squeeze DIR or resnet18:PATH; default: the set's own teacher)
+    out: str = ""  # output directory (default: DIR/relabel)
+    device: str = default_device()  # cpu, cuda or cuda:N
+    resume: bool = False  # continue a killed relabel in --out (the epochs on disk are kept)
+    force: bool = False  # replace the relabel in --out
+    progress: bool = True  # one line per epoch
+
+
+def _absolute_spec(spec: str) -> str:
+    from .teacher import FILE_SPECS
+
+    head, sep, tail = spec.partition(":")
+    if sep and head.lower() in FILE_SPECS:
+        return f"{head}:{Path(tail).expanduser().resolve()}"
+    return str(Path(spec).expanduser().resolve())
+
+
+def cmd_relabel(args, _method_cls=None) -> int:
+    from .relabel import META_FILE, RelabelConfig, format_storage, relabel_set
+    from .synset import load_synset
+    from .teacher import load_teacher
+
+    cfg = make_config(RelabelConfig, values_from_args(RelabelConfig, args))
+    device = check_device(args.device)
+    syn = user_errors("synthetic set", load_synset, args.dir)
+    images, labels, meta = syn["images"], syn["labels"], syn["metadata"]
+    out = check_out(args.out or str(Path(args.dir) / "relabel"), args.resume, args.force,
+                    markers=(META_FILE, "epoch_0000.safetensors"))
+    spec = args.teacher or syn["config"].get("teacher", "")
+    if not spec:
+        raise UsageError("--teacher: relabel needs a teacher (a `fastdd squeeze` directory or resnet18:PATH); this "
+                         "set records none")
+    k = int(meta.get("num_classes") or int(labels.max()) + 1)
+    teacher, _ = flag_errors(load_teacher, spec, images.shape[1], k, tuple(images.shape[2:]), device)
+    cfg = flag_errors(cfg.resolved, str(meta.get("dataset", "")), tuple(images.shape[2:]))
+    prepare_out(out, args.force, patterns=(META_FILE, "epoch_*.safetensors"))
+    start = time.perf_counter()
+    result = user_errors("", relabel_set, images.to(device), labels, teacher, cfg, out,
+                         teacher_spec=_absolute_spec(spec), dataset=str(meta.get("dataset", "")), resume=args.resume,
+                         progress=(lambda s: print(s, flush=True)) if args.progress else None)
+    print(f"wrote {cfg.epochs} epochs of soft labels for {images.shape[0]} images to {out} ({cfg.preset} preset: "
+          f"batch {cfg.batch_size}, {cfg.crop} crop, {cfg.mix} {cfg.mix_alpha}, "
+          f"{f'top-{cfg.topk}' if cfg.topk else 'all'} logits, {time.perf_counter() - start:.0f} s)")
+    print(format_storage(result["storage"], cfg.epochs))
     return 0
 
 
@@ -355,7 +451,7 @@ def cmd_continual(args, method_cls) -> int:
 
     config = make_config(method_cls.config_cls, values_from_args(method_cls.config_cls, args))
     cl = make_config(ContinualConfig, dict(values_from_args(ContinualConfig, args, skip=("seed",)), seed=config.seed))
-    ev_values = values_from_args(EvalConfig, args, prefix="eval_", skip=("seed", "dsa_strategy"))
+    ev_values = values_from_args(EvalConfig, args, prefix="eval_", skip=CONTINUAL_EVAL_SKIP)
     ev_values.setdefault("model", config.model)
     ev = make_config(EvalConfig, dict(ev_values, dsa_strategy=config.dsa_strategy))
     device = check_device(args.device)
@@ -419,11 +515,11 @@ def cmd_show(args, _method_cls=None) -> int:
 
 
 COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show, "pretrain": cmd_pretrain,
-            "continual": cmd_continual, "squeeze": cmd_squeeze}
+            "continual": cmd_continual, "squeeze": cmd_squeeze, "relabel": cmd_relabel}
 
 
 RUN_OPTIONS = {"distill": DistillRun, "evaluate": EvaluateRun, "pretrain": PretrainRun, "continual": ContinualRun,
-               "squeeze": SqueezeRun}
+               "squeeze": SqueezeRun, "relabel": RelabelRun}
 
 
 def _method_name(argv: List[str]) -> str:

@@ -135,3 +135,37 @@ def _gamma_quantile(alpha: float, u: torch.Tensor) -> torch.Tensor:
         lo = torch.where(below, mid, lo)
         hi = torch.where(below, hi, mid)
     return (lo + hi) / 2
+
+
+def rrc_boxes(n: int, height: int, width: int, generator: torch.Generator, scale=(0.08, 1.0),
+              ratio=(3.0 / 4.0, 4.0 / 3.0)) -> torch.Tensor:
+    """``n`` independent RandomResizedCrop boxes, int64 [n, 4] = (top, left, h, w), drawn in bulk (the
+    rule of :func:`rrc_box`: the first of 10 tries whose box fits, else the central crop with the ratio
+    clamped). Draws: [n, 10] area fractions, [n, 10] log-ratios, then [n] top and [n] left uniforms."""
+    dev = generator.device
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, 10, generator=generator, device=dev,
+                                                                   dtype=torch.float64))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, 10, generator=generator, device=dev,
+                                                               dtype=torch.float64))
+    w = torch.sqrt(target * aspect).round().long().cpu()
+    h = torch.sqrt(target / aspect).round().long().cpu()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1, dtype=torch.long))
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        cw, ch = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = height, int(round(height * ratio[1]))
+    else:
+        cw, ch = width, height
+    rows = torch.arange(n)
+    ok = first >= 0
+    bh = torch.where(ok, h[rows, first.clamp(min=0)], torch.full((n,), ch))
+    bw = torch.where(ok, w[rows, first.clamp(min=0)], torch.full((n,), cw))
+    u_top = torch.rand(n, generator=generator, device=dev, dtype=torch.float64).cpu()
+    u_left = torch.rand(n, generator=generator, device=dev, dtype=torch.float64).cpu()
+    top = torch.where(ok, (u_top * (height - bh + 1)).floor().long().clamp(max=height - bh), (height - bh) // 2)
+    left = torch.where(ok, (u_left * (width - bw + 1)).floor().long().clamp(max=width - bw), (width - bw) // 2)
+    return torch.stack([top, left, bh, bw], dim=1)

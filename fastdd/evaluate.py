@@ -31,13 +31,18 @@ TEST SET (optimistic by construction; report it only next to the published figur
 
 ``"kd"`` is the SRe2L/DWA soft-label protocol (:func:`train_stacked_kd`, :mod:`fastdd.kd`): students
 trained on the set with a frozen BatchNorm teacher (``teacher``) queried online on every augmented,
-MixUp-ed batch; the random baseline is trained with exactly the same protocol and teacher.
+MixUp-ed batch; the random baseline is trained with exactly the same protocol and teacher. With
+``soft_labels`` (a ``fastdd relabel`` directory, :mod:`fastdd.relabel`) the students instead train on the
+stored batches, crops and mixes against the stored logits, never querying the teacher (SRe2L's recipe,
+:func:`train_stacked_kd_stored`); a same-size baseline replays the same draws on its own images with the
+teacher queried online (no labels are stored for it), a baseline of another size trains online.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
@@ -79,8 +84,13 @@ class EvalConfig:
     mixup_alpha: float = 0.0  # kd: MixUp Beta(alpha, alpha) inside each batch (0: off)
     kd_augment: str = "crop_flip"  # kd: per-sample augmentation: "crop_flip" (RandomCrop pad 4 + flip) | "none"
     teacher_train_mode: bool = False  # kd: teacher BN in train mode (the SRe2L/DWA CIFAR validator's quirk)
+    soft_labels: str = ""  # kd: a `fastdd relabel` directory: train on its stored batches and soft labels
+    workers: int = 0  # kd with soft_labels: DataLoader workers replaying the stored batches
 
     def validate(self) -> None:
+        check_positive_int("workers", self.workers, minimum=0)
+        if self.soft_labels and self.protocol != "kd":
+            raise ValueError(f"soft_labels: stored soft labels need the kd protocol (--protocol kd), got {self.protocol!r}")
         if self.protocol == "kd":
             if self.kd_augment not in KD_AUGMENTS:
                 raise ValueError(f"kd_augment: expected one of {list(KD_AUGMENTS)}, got {self.kd_augment!r}")
@@ -373,6 +383,58 @@ def train_stacked_kd(train_images: torch.Tensor, train_labels: torch.Tensor, tes
     return accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size)
 
 
+def train_stacked_kd_stored(sources: Sequence[torch.Tensor], store, test_images: torch.Tensor,
+                            test_labels: torch.Tensor, num_classes: int, cfg: EvalConfig, *,
+                            model_seeds: Sequence[int], teacher: Optional[torch.nn.Module] = None,
+                            progress: bool = False) -> torch.Tensor:
+    """SRe2L's post-training from stored soft labels (:mod:`fastdd.relabel`) for M = len(model_seeds)
+    students per source; returns test accuracies [S * M] (source-major).
+
+    ``sources[0]`` is the distilled set [N, C, H, W], replayed by a :class:`~fastdd.relabel.ReplayDataset`
+    with its stored logits; every further source (same N, e.g. the random baseline) replays the same
+    batches, crops and mixes on its own images, labelled online by ``teacher`` (eval mode) and rounded as
+    the store rounds (fp16, the same top-k fold). All S * M students see their source's batch sequence of
+    the first ``cfg.epochs`` stored epochs (AdamW, cosine per epoch, KL at ``temperature``)."""
+    from .kd import adamw_groups, cosine_epoch_lr, kd_loss
+    from .relabel import decode_logits, encode_logits, replay_loader
+
+    device = test_images.device
+    m_models = len(model_seeds)
+    chw = tuple(sources[0].shape[1:])
+    workers = cfg.workers
+    loaders = [replay_loader(x.cpu() if workers else x, store, with_labels=s == 0, num_workers=workers)
+               for s, x in enumerate(sources)]
+    net = fresh_models(cfg, list(model_seeds) * len(sources), chw[0], num_classes, chw[1:], device,
+                       calls=_work(m_models * len(sources), sources[0].shape[0], cfg.epochs, test_images, 1))
+    optimizer = torch.optim.AdamW(adamw_groups(net.parameters(), cfg.weight_decay), lr=cfg.lr)
+    rc = store.config
+    if teacher is not None:
+        teacher.eval()
+    total = m_models * len(sources)
+    with _progress(total * cfg.epochs, progress, f"evaluate {total} models (kd, stored labels)") as bar:
+        for epoch in range(cfg.epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_epoch_lr(cfg.lr, epoch, cfg.epochs)
+            net.train(True)
+            for _, sampler in loaders:
+                sampler.set_epoch(epoch)
+            for batches in zip(*(loader for loader, _ in loaders)):
+                xs, softs = [], []
+                for x, soft in batches:
+                    x = x.to(device)
+                    if soft is None:
+                        with torch.no_grad():
+                            soft = decode_logits(encode_logits(teacher(x), rc.topk, rc.fold_temperature), num_classes)
+                    xs.append(x.unsqueeze(0).expand(m_models, *x.shape))
+                    softs.append(soft.to(device).unsqueeze(0).expand(m_models, *soft.shape))
+                loss = kd_loss(net(torch.cat(xs)), torch.cat(softs), cfg.temperature, cfg.t_squared)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            bar.update(total)
+    return accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size)
+
+
 def default_test_batch(images: torch.Tensor) -> int:
     """Rows per test forward when ``test_batch_size`` is 0: 1000 on a GPU; on a CPU the cache-sized chunk
     of :func:`fastdd.methods.dm.default_real_chunk` (for a 1x28x28 / 3x32x32 ConvNet-3)."""
@@ -405,6 +467,7 @@ class EvalResult:
     config: dict
     checkpoint_accuracies: Optional[List[List[float]]] = None  # idc: [model][checkpoint]
     baseline_checkpoint_accuracies: Optional[List[List[float]]] = None
+    notes: dict = field(default_factory=dict)  # how each side was labelled (kd with stored soft labels)
 
     @staticmethod
     def _mean_std(values):
@@ -423,7 +486,7 @@ class EvalResult:
             "random_baseline_accuracies": self.baseline_accuracies,
             "seconds": self.seconds,
             "config": self.config,
-        } | self._best_dict()
+        } | self.notes | self._best_dict()
 
     def _best_dict(self) -> dict:
         """IDC protocol: best over the test checkpoints (test-set selection, as the reference)."""
@@ -451,6 +514,9 @@ class EvalResult:
                      f"{d['best_accuracy_mean']:.2f} ± {d['best_accuracy_std']:.2f} %")
             if "best_random_baseline_mean" in d:
                 text += f", random subset {d['best_random_baseline_mean']:.2f} ± {d['best_random_baseline_std']:.2f} %"
+        for key in ("set_labels", "baseline_labels"):
+            if key in self.notes:
+                text += f"\n  {key.replace('_', ' ')}: {self.notes[key]}"
         return text
 
 
@@ -509,6 +575,10 @@ def evaluate_synset(
         sets_x.append(bx.unsqueeze(0).expand(m, *bx.shape))
         sets_y.append(by.unsqueeze(0).expand(m, -1))
         seeds += model_seeds  # paired initialisations
+    if cfg.protocol == "kd" and cfg.soft_labels:
+        return _evaluate_kd_stored(images, labels, bx if with_baseline else None, by if with_baseline else None,
+                                   test_set, cfg, model_seeds=model_seeds, generator=generator, start=start,
+                                   progress=progress)
     if with_baseline and bx.shape[0] != images.shape[0]:
         # different sizes cannot share one stacked mini-batch schedule: train them separately
         parts = [(sx, sy, model_seeds) for sx, sy in zip(sets_x, sets_y)]
@@ -528,3 +598,51 @@ def evaluate_synset(
     return EvalResult(accuracies=accs[:m], baseline_accuracies=accs[m:], seconds=time.perf_counter() - start,
                       config=asdict(cfg), checkpoint_accuracies=None if ckpts is None else ckpts[:m],
                       baseline_checkpoint_accuracies=None if ckpts is None else ckpts[m:])
+
+
+def _evaluate_kd_stored(images, labels, base_x, base_y, test_set: ImageDataset, cfg: EvalConfig, *, model_seeds,
+                        generator, start: float, progress: bool) -> EvalResult:
+    """:func:`evaluate_synset` for the kd protocol with ``cfg.soft_labels`` (module docstring): the set trains on
+    the stored labels; the baseline (``base_x`` [N', C, H, W] or None) on the same replayed draws with the
+    teacher online when N' = N, else with the online protocol."""
+    from .relabel import RelabelStore
+    from .teacher import load_teacher
+
+    device, k, m = images.device, test_set.num_classes, len(model_seeds)
+    store = RelabelStore(cfg.soft_labels)
+    spec = cfg.teacher or store.meta.get("teacher", "")
+    teacher = load_teacher(spec, images.shape[1], k, images.shape[2:], device)[0] if spec else None
+    store.check_for(images, labels, epochs=cfg.epochs, batch_size=cfg.batch_size, teacher=teacher)
+    rc = store.config
+    notes = {"soft_labels": str(store.directory),
+             "set_labels": f"stored soft labels ({store.directory}: first {cfg.epochs} of {store.epochs} epochs, "
+                           f"batch {rc.batch_size}, {rc.crop} crop, {rc.mix} {rc.mix_alpha}, "
+                           + (f"top-{rc.topk} folded at T0 = {rc.fold_temperature}" if rc.topk else "fp16 logits")
+                           + "; no teacher queries)"}
+    if rc.topk and rc.topk < k and cfg.temperature != rc.fold_temperature:
+        notes["set_labels"] += (f"; the student's T = {cfg.temperature} differs from the fold's T0 = "
+                                f"{rc.fold_temperature}: the folded rest mass is approximate")
+    sources, online = [images], None
+    if base_x is not None:
+        if teacher is None:
+            raise ValueError("teacher: the random baseline is labelled online (no soft labels are stored for it) "
+                             "and neither the config nor the relabel directory names a teacher")
+        if base_x.shape[0] == images.shape[0]:
+            sources.append(base_x)
+            notes["baseline_labels"] = ("teacher queried online on the same replayed batches, crops and mixes "
+                                        "(no stored labels for the baseline; equal to relabelling it with the "
+                                        "same seed)")
+        else:
+            notes["baseline_labels"] = (f"online KD protocol (the baseline has {base_x.shape[0]} images, the "
+                                        f"stored labels cover {images.shape[0]})")
+            online = dataclasses.replace(cfg, soft_labels="", teacher=spec)
+    test_x, test_y = test_set.images.to(device), test_set.labels.to(device)
+    accs = train_stacked_kd_stored(sources, store, test_x, test_y, k, cfg, model_seeds=model_seeds, teacher=teacher,
+                                   progress=progress)
+    if online is not None:
+        accs = torch.cat([accs, train_stacked_kd(base_x.unsqueeze(0).expand(m, *base_x.shape),
+                                                 base_y.unsqueeze(0).expand(m, -1), test_x, test_y, k, online,
+                                                 model_seeds=model_seeds, generator=generator, progress=progress)])
+    accs = (accs * 100).tolist()
+    return EvalResult(accuracies=accs[:m], baseline_accuracies=accs[m:], seconds=time.perf_counter() - start,
+                      config=asdict(cfg), notes=notes)

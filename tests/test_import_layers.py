@@ -30,6 +30,7 @@ LAYERS = {
     "fastdd.teacher": 1,  # BN teachers for SRe2L/DWA and KD: squeeze directories, torchvision state dicts
     "fastdd.squeeze": 1,  # trains a BN teacher (like experts)
     "fastdd.kd": 1,  # soft-label KD loss, MixUp, optimiser groups (used by evaluate)
+    "fastdd.relabel": 1,  # stored FKD-style soft labels: draws, epoch files, replay Dataset / Sampler (used by evaluate)
     "fastdd.evaluate": 1,  # trains models on a set; imports models, data, augment, idc
     "fastdd.checkpoint": 1,
     "fastdd.synset": 1,
