@@ -32,6 +32,7 @@ LAYERS = {
     "fastdd.kd": 1,  # soft-label KD loss, MixUp, optimiser groups (used by evaluate)
     "fastdd.evaluate": 1,  # trains models on a set; imports models, data, augment, idc
     "fastdd.checkpoint": 1,
+    "fastdd.distributed": 1,  # torchrun process group (torch.distributed), barriers, the test kill hook
     "fastdd.synset": 1,
     "fastdd.compile": 1,  # torch.compile helpers used by models' callers (methods, evaluate)
     "fastdd.theory": 1,  # the multi-index study: torch/numpy only
