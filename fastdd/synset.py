@@ -87,7 +87,7 @@ def save_jpeg_folder(out_dir: str | os.PathLike, images: torch.Tensor, labels: t
                      quality: int = JPEG_QUALITY) -> Path:
     """Write ``out_dir/train/<class>/<i>.jpg``: image i of each class (in set order, i zero-padded to at least
     3 digits), de-normalised (:func:`to_pixels`) and saved by Pillow as a baseline JPEG of ``quality``
-    (1-95); 1-channel sets as grayscale, 3-channel as RGB. Folder names: :func:`class_folder_names`. The
+    (1-95) without chroma subsampling (4:4:4: synthetic images carry colour detail at the pixel scale); 1-channel sets as grayscale, 3-channel as RGB. Folder names: :func:`class_folder_names`. The
     folder is written under a temporary name and then swapped in (an older ``train`` is moved aside first
     and removed after), so a reader never sees a partly written one. images [N, C, H, W] in the normalised space, labels [N]. Returns the ``train`` path."""
     from PIL import Image
@@ -125,7 +125,7 @@ def save_jpeg_folder(out_dir: str | os.PathLike, images: torch.Tensor, labels: t
             row, folder, name = job
             arr = np.ascontiguousarray(pixels[row])
             img = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
-            img.save(tmp / folder / name, format="JPEG", quality=quality)
+            img.save(tmp / folder / name, format="JPEG", quality=quality, subsampling=0)
 
         workers = max(1, min(8, os.cpu_count() or 1, len(jobs) // 256))
         if workers == 1:
