@@ -53,6 +53,8 @@ class DistillRun(_RunBase):
     method: str = "dm"  # the distillation method (see `fastdd show methods`)
     checkpoint_every: int = 100  # checkpoint every K iterations (0: only at the end)
     progress: bool = True  # progress bar (else log lines)
+    jpeg: Optional[bool] = None  # also write DIR/train/<class>/<i>.jpg (default: on for sre2l/dwa)
+    jpeg_quality: int = 95  # JPEG quality of that folder (1-95)
 
 
 @dataclasses.dataclass
@@ -215,42 +217,91 @@ def build_parser(method_name: str = "dm") -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------------------------- distill
 def cmd_distill(args, method_cls) -> int:
-    from . import __version__
-    from .checkpoint import run_identity, save_atomic, wrap_state
-    from .synset import save_synset
+    """``fastdd distill``; under ``torchrun`` (WORLD_SIZE > 1) each process runs its shard of a method that
+    supports it (:mod:`fastdd.methods.recover`), checkpoints it to ``DIR/checkpoint.rank<R>.pt``, and rank 0
+    merges the finished shards into the ordinary saved set (:mod:`fastdd.distributed`)."""
+    from . import distributed
+    from .synset import JPEG_DIR, is_fastdd_jpeg_folder
 
-    config = make_config(method_cls.config_cls, values_from_args(method_cls.config_cls, args))
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every: must be >= 0, got {args.checkpoint_every}")
+    if not 1 <= args.jpeg_quality <= 95:
+        raise UsageError(f"--jpeg-quality: must lie in 1..95, got {args.jpeg_quality}")
+    ctx = user_errors("torchrun", distributed.from_env)
+    if ctx is not None and not getattr(method_cls, "supports_sharding", False):
+        raise UsageError(f"--method {method_cls.name}: cannot run sharded across {ctx.world} processes (only the "
+                         f"SRe2L family supports torchrun: sre2l, dwa); run it as a single process")
+    config = make_config(method_cls.config_cls, values_from_args(method_cls.config_cls, args))
     device = check_device(args.device)
-    out = check_out(args.out, args.resume, args.force)
+    if ctx is not None:
+        device = check_device(str(ctx.device(device)))
+    out = Path(args.out)
+    shard_files = tuple(sorted(p.name for p in out.glob("checkpoint.rank*.pt"))) if out.is_dir() else ()
+    out = check_out(args.out, args.resume, args.force, markers=RUN_FILES + shard_files)
+    args.jpeg = args.jpeg if args.jpeg is not None else getattr(method_cls, "writes_jpeg", False)
+    if args.jpeg and (out / JPEG_DIR).exists() and not is_fastdd_jpeg_folder(out / JPEG_DIR):
+        raise UsageError(f"--out: {out / JPEG_DIR} exists and was not written by fastdd (the JPEG folder of the "
+                         f"set goes there); choose another --out or pass --no-jpeg")
+    if ctx is None:
+        return _distill(args, method_cls, config, device, out, None)
+    distributed.init(ctx, device)
+    try:
+        return _distill(args, method_cls, config, device, out, ctx)
+    finally:
+        distributed.shutdown()
+
+
+def _distill(args, method_cls, config, device, out: Path, ctx) -> int:
+    from . import __version__, distributed
+    from .checkpoint import load, run_identity, save_atomic, unwrap_state, wrap_state
+    from .synset import remove_jpeg_folder, save_jpeg_folder, save_synset, synset_images
+
     (train,) = _load_data(args.dataset, args.data_path, "train")
     method = user_errors("", method_cls, config, train, device=device)
+    if ctx is not None:
+        method.shard(ctx.rank, ctx.world)
     identity = run_identity("distill", method_cls.name, config.to_dict(), train)
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = out / ("checkpoint.pt" if ctx is None else f"checkpoint.rank{ctx.rank}.pt")
+    who = "" if ctx is None else f"rank {ctx.rank}/{ctx.world}: "
     if args.resume:
         state = load_run_state(ckpt_path, identity)
         if state is None:
-            print(f"--resume: no checkpoint in {out}, starting from scratch", file=sys.stderr)
+            print(f"{who}--resume: no checkpoint {ckpt_path.name} in {out}, starting from scratch", file=sys.stderr)
         else:
-            method.load_state_dict(state)
-            print(f"resumed {ckpt_path} at iteration {method.iteration}", file=sys.stderr)
-    prepare_out(out, args.force)
+            user_errors(str(ckpt_path), method.load_state_dict, state)
+            print(f"{who}resumed {ckpt_path} at iteration {method.iteration}", file=sys.stderr)
+    if ctx is None or ctx.rank == 0:
+        prepare_out(out, args.force, RUN_FILES + ("checkpoint.rank*.pt",))
+        if args.force:
+            remove_jpeg_folder(out)
+    distributed.barrier()  # no rank writes before rank 0 has cleaned --out
+    distributed.install_kill_hook(method, 0 if ctx is None else ctx.rank)
     start = time.perf_counter()
     method.fit(checkpoint=lambda m: save_atomic(wrap_state(m.state_dict(), identity), ckpt_path),
-               checkpoint_every=args.checkpoint_every, progress=args.progress,
+               checkpoint_every=args.checkpoint_every, progress=args.progress and (ctx is None or ctx.rank == 0),
                log_every=max(1, config.iterations // 20))
+    if ctx is not None:
+        distributed.barrier()  # every shard is checkpointed complete
+        if ctx.rank != 0:
+            return 0
+        paths = [out / f"checkpoint.rank{r}.pt" for r in range(ctx.world)]
+        states = [unwrap_state(load(p), identity, p) for p in paths]
+        user_errors("merge", method.merge_shards, states)
     metadata = {
         "fastdd_version": __version__, "torch_version": str(torch.__version__), "method": method_cls.name,
         "dataset": train.name, "num_classes": train.num_classes, "class_names": list(train.class_names),
         "channels": train.channels, "image_size": list(train.image_size), "mean": list(train.mean),
         "std": list(train.std), "iterations_done": method.iteration, "device": str(method.device),
         "seconds_this_session": time.perf_counter() - start, "final_loss": method.last_loss,
-        "fingerprint": identity["fingerprint"],
+        "fingerprint": identity["fingerprint"], "processes": 1 if ctx is None else ctx.world,
         "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     tensors = method.synthetic_set()
     path = save_synset(out, tensors, config.to_dict(), metadata)
+    if args.jpeg:
+        folder = user_errors("--jpeg", save_jpeg_folder, out, synset_images(tensors), tensors["labels"], train.mean,
+                             train.std, train.class_names, train.num_classes, args.jpeg_quality)
+        print(f"wrote {folder}/<class>/<i>.jpg")
     print(f"wrote {path} ({tensors['labels'].numel()} training images, {method.iteration} iterations, "
           f"final loss/class {method.last_loss / train.num_classes:.5f})")
     return 0

@@ -10,13 +10,19 @@
 ``DIR/synthetic.safetensors`` the same tensors, with config/metadata as JSON strings in the header.
 ``DIR/synthetic.png``         a grid, one row per class, de-normalised to pixels.
 ``DIR/config.json``           the run's configuration and metadata.
+``DIR/train/<class>/<i>.jpg`` optional (:func:`save_jpeg_folder`; ``fastdd distill`` writes it by default for
+                              SRe2L / DWA): the set as an ImageNet-layout folder of 8-bit JPEGs, as SRe2L
+                              and DWA release theirs, readable by any image-folder reader.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +33,9 @@ SYNSET_FILE = "synthetic.pt"
 SAFETENSORS_FILE = "synthetic.safetensors"
 GRID_FILE = "synthetic.png"
 CONFIG_FILE = "config.json"
+JPEG_DIR = "train"
+JPEG_QUALITY = 95
+JPEG_MARKER = ".fastdd"  # dot-file in DIR/train: the folder was written by fastdd (image readers skip it)
 
 
 def save_synset(out_dir: str | os.PathLike, tensors: dict, config: dict, metadata: dict) -> Path:
@@ -48,6 +57,111 @@ def save_synset(out_dir: str | os.PathLike, tensors: dict, config: dict, metadat
         grid = image_grid(synset_images(tensors), tensors["labels"], mean, std, metadata.get("class_names"))
         atomic_write(out / GRID_FILE, lambda tmp: grid.save(tmp, format="PNG"))
     return path
+
+
+def class_folder_names(num_classes: int, class_names: Sequence[str] | None = None) -> List[str]:
+    """Folder names of the classes of a JPEG folder: the dataset's class names when there is one per class,
+    each usable as a folder name (non-empty, no path separator, no leading dot), all distinct, and already
+    in sorted order -- an image-folder reader numbers the classes by sorted folder name, so only then does
+    it give back the set's labels (ImageNet's wnids qualify) --; otherwise zero-padded class ids
+    (``000``, ``001``, ...; at least 3 digits)."""
+    names = [str(n) for n in class_names] if class_names is not None else None
+    if (names is not None and len(names) == num_classes and len(set(names)) == num_classes
+            and names == sorted(names)
+            and all(n and n == n.strip() and not n.startswith(".") and not set(n) & set("/\\\0") for n in names)):
+        return names
+    width = max(3, len(str(num_classes - 1)))
+    return [f"{c:0{width}d}" for c in range(num_classes)]
+
+
+def to_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """De-normalise images [N, C, H, W] to uint8 pixels [N, C, H, W]: round(255 clamp(x std + mean, 0, 1))."""
+    images = images.detach().float().cpu()
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return ((images * std_t + mean_t).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def save_jpeg_folder(out_dir: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
+                     std: Sequence[float], class_names: Sequence[str] | None = None, num_classes: int | None = None,
+                     quality: int = JPEG_QUALITY) -> Path:
+    """Write ``out_dir/train/<class>/<i>.jpg``: image i of each class (in set order, i zero-padded to at least
+    3 digits), de-normalised (:func:`to_pixels`) and saved by Pillow as a baseline JPEG of ``quality``
+    (1-95) without chroma subsampling (4:4:4: synthetic images carry colour detail at the pixel scale); 1-channel sets as grayscale, 3-channel as RGB. Folder names: :func:`class_folder_names`. The
+    folder is written under a temporary name and then swapped in (an older ``train`` is moved aside first
+    and removed after), so a reader never sees a partly written one. images [N, C, H, W] in the normalised space, labels [N]. Returns the ``train`` path."""
+    from PIL import Image
+
+    if not (isinstance(quality, int) and 1 <= quality <= 95):
+        raise ValueError(f"jpeg quality: must be an int in 1..95, got {quality!r}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"jpeg folder: needs images [N, 1 or 3, H, W], got {tuple(images.shape)}")
+    labels = labels.detach().cpu().to(torch.int64)
+    k = int(num_classes if num_classes is not None else int(labels.max()) + 1)
+    folders = class_folder_names(k, class_names)
+    pixels = to_pixels(images, mean, std).permute(0, 2, 3, 1).numpy()  # [N, H, W, C]
+    counts = torch.bincount(labels, minlength=k)
+    width = max(3, len(str(int(counts.max()) - 1)))
+    index = torch.zeros(k, dtype=torch.int64)
+    jobs = []
+    for row, c in enumerate(labels.tolist()):
+        jobs.append((row, folders[c], f"{int(index[c]):0{width}d}.jpg"))
+        index[c] += 1
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f".{JPEG_DIR}.*.tmp"):  # leftovers of a writer killed mid-way
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{JPEG_DIR}.", suffix=".tmp", dir=out))
+    try:
+        for name in sorted(set(folders[c] for c in range(k) if counts[c] > 0)):
+            (tmp / name).mkdir()
+        (tmp / JPEG_MARKER).write_text("JPEG folder of a fastdd synthetic set (see synthetic.pt / config.json)\n")
+
+        def write(job) -> None:
+            row, folder, name = job
+            arr = np.ascontiguousarray(pixels[row])
+            img = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
+            img.save(tmp / folder / name, format="JPEG", quality=quality, subsampling=0)
+
+        workers = max(1, min(8, os.cpu_count() or 1, len(jobs) // 256))
+        if workers == 1:
+            for job in jobs:
+                write(job)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(write, jobs))
+        final = out / JPEG_DIR
+        old = None
+        if final.exists():
+            if not is_fastdd_jpeg_folder(final):
+                raise ValueError(f"{final}: exists and was not written by fastdd; not replacing it")
+            old = Path(tempfile.mkdtemp(prefix=f".{JPEG_DIR}.", suffix=".tmp", dir=out))
+            os.replace(final, old / JPEG_DIR)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def is_fastdd_jpeg_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a JPEG folder written by :func:`save_jpeg_folder` (it holds the marker file)."""
+    return (Path(path) / JPEG_MARKER).is_file()
+
+
+def remove_jpeg_folder(out_dir: str | os.PathLike) -> bool:
+    """Remove ``out_dir/train`` when fastdd wrote it (True); anything else there is left alone (False)."""
+    folder = Path(out_dir) / JPEG_DIR
+    if folder.is_dir() and is_fastdd_jpeg_folder(folder):
+        shutil.rmtree(folder)
+        return True
+    return False
 
 
 def synset_images(tensors: dict) -> torch.Tensor:

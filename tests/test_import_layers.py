@@ -33,6 +33,7 @@ LAYERS = {
     "fastdd.relabel": 1,  # stored FKD-style soft labels: draws, epoch files, replay Dataset / Sampler (used by evaluate)
     "fastdd.evaluate": 1,  # trains models on a set; imports models, data, augment, idc
     "fastdd.checkpoint": 1,
+    "fastdd.distributed": 1,  # torchrun process group (torch.distributed), barriers, the test kill hook
     "fastdd.synset": 1,
     "fastdd.compile": 1,  # torch.compile helpers used by models' callers (methods, evaluate)
     "fastdd.theory": 1,  # the multi-index study: torch/numpy only

@@ -15,6 +15,7 @@ from fastdd.data import ImageDataset
 from fastdd.matchers import BNStatisticsLoss
 from fastdd.methods import dwa as dwa_module
 from fastdd.methods import get
+from fastdd.methods.recover import unit_generator
 from fastdd.models import get_model
 from fastdd.squeeze import SqueezeConfig, squeeze
 
@@ -109,8 +110,11 @@ def test_sre2l_noise_init_clamp_last_iterate_and_resume(toy_teacher):
     m = cls(cfg, ds)
     assert m.config.preset == "cifar" and m.config.r_bn == 0.01 and m.config.first_bn_multiplier == 10.0
     assert m.units == 4 and m.total_steps == 24  # 2 IPC indices x 2 class batches (3 + 1 classes)
-    expected = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(m.images.detach(), expected)  # N(0, 1) from the run's generator
+    expected = torch.empty(8, 3, 8, 8)
+    for unit in range(m.units):  # N(0, 1) from each unit's own init generator
+        rows = m.unit_rows(unit)[2]
+        expected[rows] = torch.randn(rows.numel(), 3, 8, 8, generator=unit_generator(5, unit, "init"))
+    assert torch.equal(m.images.detach(), expected)
     m.fit(progress=False)
     images = m.synthetic_set()["images"]
     low, high = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25

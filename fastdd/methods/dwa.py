@@ -19,6 +19,10 @@ The unit is then synthesised with the perturbed teacher.
   equals ``reset``;
 - ``reset``: every unit starts from the trained teacher.
 
+The perturbation's jittered view is the first draw of the unit's synthesis generator
+(:func:`fastdd.methods.recover.unit_seeds`). Under ``torchrun`` every process runs whole IPC indices (all
+their class batches, in order), so ``accumulate`` chains exactly the same perturbations as one process does.
+
 Presets (the spec's table): ``cifar`` (1000 iterations, batch 100, lr 0.25, r_bn 0.01, r_var 11, roll J=4
 only, rho 0.015, K 12), ``tiny`` (2000, batch 200, lr 0.1, r_var 11, RRC + flip + roll J=4, K 12),
 ``imagenet`` (2000, batch 100, lr 0.25, r_var 2, RRC + flip + roll J=32, K 15). First-BN multiplier 10.
@@ -110,7 +114,7 @@ class DWA(RecoverMethod):
         if self.config.dwa_mode == "reset" or b == 0:
             self._restore_teacher()
         if self.config.perturb_steps and self.config.rho:
-            view = self.jitter(self.work.detach(), self.generator)
+            view = self.jitter(self.work.detach(), self.unit_gen)  # the unit's synthesis generator
             self.bn_loss.enabled = False
             try:
                 directed_perturbation(self.teacher, view, self.unit_labels, self.config.rho, self.config.perturb_steps)

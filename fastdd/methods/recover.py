@@ -19,15 +19,30 @@ images of 128 px and more, ``cifar`` otherwise, which covers the 28 / 32 px data
 values are written into the run's config.
 
 Subclasses add a hook at the start of each unit (:meth:`RecoverMethod.start_unit`; DWA perturbs the
-teacher there). Randomness: the run's single generator draws the initial set, then every jitter.
+teacher there).
+
+Randomness is per unit, so that a unit's result depends only on (``seed``, unit index u) and not on which
+process runs it or in which order (:func:`unit_seeds`): ``numpy.random.SeedSequence((seed mod 2**64, u))``
+gives four 32-bit words; words 0-1 (high, low) seed the unit's *init* generator, which draws its N(0, 1)
+initial images (``init="noise"``; every unit's are drawn when the method is built), words 2-3 seed its
+*synthesis* generator, created at the unit's start, which draws every jitter of the unit (and DWA's
+perturbation view). The run's own generator (``seed``) draws only the real-image initialisation
+(``init="real"``: n distinct images per class for the whole set, the same on every process).
+
+Sharding (:meth:`RecoverMethod.shard`, used by ``torchrun ... fastdd distill``): rank r of W runs the units
+of the IPC indices j with j % W == r, in their usual order, and its iteration counter counts only its own
+steps. Whole IPC indices go to one process because DWA's ``accumulate`` mode chains the class batches of an
+IPC index through one perturbed teacher. As every unit has its own randomness, the shards put together
+(:meth:`RecoverMethod.merge_shards`) equal the one-process set exactly (on a deterministic device).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -88,6 +103,21 @@ class RecoverConfig(MethodConfig):
                 raise ValueError(f"{name}: must lie in [0, 1), got {getattr(self, name)}")
 
 
+def unit_seeds(seed: int, unit: int) -> Tuple[int, int]:
+    """(init seed, synthesis seed) of unit ``unit`` of a run seeded ``seed``: the two 64-bit integers made
+    of the four 32-bit words of ``numpy.random.SeedSequence((seed mod 2**64, unit)).generate_state(4)``
+    (words 0-1 and 2-3, high word first). See the module docstring."""
+    w = [int(v) for v in np.random.SeedSequence((int(seed) % 2 ** 64, int(unit))).generate_state(4, np.uint32)]
+    return (w[0] << 32) | w[1], (w[2] << 32) | w[3]
+
+
+def unit_generator(seed: int, unit: int, stream: str, device="cpu") -> torch.Generator:
+    """A fresh generator of unit ``unit``: ``stream`` "init" (its noise init) or "synthesis" (its jitter)."""
+    init, synthesis = unit_seeds(seed, unit)
+    value = {"init": init, "synthesis": synthesis}[stream]
+    return torch.Generator(device=torch.device(device)).manual_seed(value)
+
+
 def auto_preset(dataset) -> str:
     """The preset for a dataset: ``tiny`` for tiny-imagenet, ``imagenet`` from 128 px, else ``cifar``."""
     if "tiny" in dataset.name.lower():
@@ -108,6 +138,8 @@ class RecoverMethod(Method):
     """SRe2L-family synthesis (module docstring). Subclasses set ``config_cls`` (with its ``presets``)."""
 
     config_cls = RecoverConfig
+    supports_sharding = True  # torchrun: one shard of IPC indices per process (module docstring)
+    writes_jpeg = True  # `fastdd distill` writes DIR/train/<class>/<index>.jpg by default
 
     def __init__(self, config: RecoverConfig, dataset, device="cpu"):
         config = resolve_config(config, dataset)
@@ -117,8 +149,9 @@ class RecoverMethod(Method):
                                                        self.device)
         self.bn_loss = BNStatisticsLoss(self.teacher, config.first_bn_multiplier, config.r_var)
         self.jitter = RecoverJitter(crop=config.crop, jitter=config.jitter, min_scale=config.min_scale)
-        self.class_batches = math.ceil(self.num_classes / config.batch_classes)
-        self.units = config.ipc * self.class_batches
+        self.rank, self.world = 0, 1
+        self.shard_units: List[int] = list(range(self.units))
+        self.unit_gen: Optional[torch.Generator] = None
         mean = torch.tensor(ds.mean, device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(ds.std, device=self.device).view(1, -1, 1, 1)
         self.pixel_low, self.pixel_high = (0 - mean) / std, (1 - mean) / std  # [1, C, 1, 1]
@@ -127,9 +160,59 @@ class RecoverMethod(Method):
 
     # ------------------------------------------------------------------------------------------- units
     @property
+    def class_batches(self) -> int:
+        """Class batches per IPC index: ceil(K / batch_classes)."""
+        return math.ceil(self.num_classes / self.config.batch_classes)
+
+    @property
+    def units(self) -> int:
+        """Units of the whole set: IPC indices x class batches."""
+        return self.images_per_class * self.class_batches
+
+    @property
     def total_steps(self) -> int:
-        """Steps of the whole run: units x iterations per unit."""
-        return self.units * self.config.iterations
+        """Steps of this process: its units (every unit unless sharded) x iterations per unit."""
+        return len(self.shard_units) * self.config.iterations
+
+    def _initial_images(self) -> torch.Tensor:
+        """Real images from the run's generator (base class), or each unit's N(0, 1) draw from its own
+        *init* generator (module docstring)."""
+        if self.config.init == "real":
+            return super()._initial_images()
+        shape = (self.num_classes * self.images_per_class, *self.dataset.images.shape[1:])
+        out = torch.empty(shape, device=self.device)
+        for unit in range(self.units):
+            rows = self.unit_rows(unit)[2]
+            g = unit_generator(self.config.seed, unit, "init", self.device)
+            out[rows] = torch.randn((rows.numel(), *shape[1:]), generator=g, device=self.device)
+        return out
+
+    def shard(self, rank: int, world: int) -> RecoverMethod:
+        """Make this process rank ``rank`` of ``world``: it runs the units of the IPC indices j with
+        j % world == rank (module docstring). Call before :meth:`fit` and :meth:`load_state_dict`."""
+        if not (isinstance(world, int) and isinstance(rank, int) and world >= 1 and 0 <= rank < world):
+            raise ValueError(f"shard: need 0 <= rank < world, got rank {rank!r}, world {world!r}")
+        if self.iteration:
+            raise RuntimeError("shard: the run has already started")
+        self.rank, self.world = rank, world
+        self.shard_units = self.units_of_shard(rank, world)
+        return self
+
+    def units_of_shard(self, rank: int, world: int) -> List[int]:
+        """The units rank ``rank`` of ``world`` runs, in order: those of the IPC indices j % world == rank."""
+        return [u for u in range(self.units) if (u // self.class_batches) % world == rank]
+
+    def shard_rows(self, rank: Optional[int] = None, world: Optional[int] = None) -> torch.Tensor:
+        """Set rows [R] written by a shard (default: this process's), units in order."""
+        units = self.shard_units if rank is None else self.units_of_shard(rank, world)
+        if not units:
+            return torch.zeros(0, dtype=torch.long, device=self.device)
+        return torch.cat([self.unit_rows(u)[2] for u in units])
+
+    def unit_at(self, step: int) -> Tuple[int, int]:
+        """(unit, step t within it) of this process's step ``step``."""
+        k, t = divmod(step, self.config.iterations)
+        return self.shard_units[k], t
 
     def unit_rows(self, unit: int):
         """(IPC index j, class batch b, set rows [B_u], class labels [B_u]) of unit ``unit``."""
@@ -145,10 +228,11 @@ class RecoverMethod(Method):
         self.unit_labels = classes
         cfg = self.config
         self.adam = torch.optim.Adam([self.work], lr=cfg.lr_img, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8)
+        self.unit_gen = unit_generator(cfg.seed, unit, "synthesis", self.device)
 
     def recover_loss(self, x: torch.Tensor, labels: torch.Tensor):
         """(total loss, CE, BN term) of images x [B, C, H, W] with labels [B], one jitter draw."""
-        draw = self.jitter.draw(tuple(x.shape[-2:]), self.generator)
+        draw = self.jitter.draw(tuple(x.shape[-2:]), self.unit_gen)
         logits = self.teacher(self.jitter.apply(x, draw))
         ce = F.cross_entropy(logits, labels)
         bn = self.bn_loss.loss()
@@ -156,7 +240,7 @@ class RecoverMethod(Method):
 
     def step(self) -> float:
         cfg = self.config
-        unit, t = divmod(self.iteration, cfg.iterations)
+        unit, t = self.unit_at(self.iteration)
         if t == 0 or self.work is None:
             if t == 0:
                 self.start_unit(unit)
@@ -180,17 +264,66 @@ class RecoverMethod(Method):
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
+        """The base state plus the unit's Adam and synthesis generator; a shard (world > 1) stores only its
+        own rows (``shard_rows``) of the set, the rest being the deterministic initial images."""
         state = super().state_dict()
         state["adam"] = None if self.adam is None else self.adam.state_dict()
+        state["unit_generator"] = None if self.unit_gen is None else self.unit_gen.get_state()
+        state["shard"] = [self.rank, self.world]
+        if self.world > 1:
+            rows = self.shard_rows()
+            state["shard_rows"] = rows.cpu()
+            state["synth"] = {"images": self.synth.images.detach()[rows].cpu()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        shard = list(state.get("shard", [0, 1]))
+        if shard != [self.rank, self.world]:
+            raise ValueError(f"checkpoint: written by rank {shard[0]} of {shard[1]} processes, this process is rank "
+                             f"{self.rank} of {self.world}; resume with the same number of processes")
+        if "shard_rows" in state:  # a shard: its rows over the (deterministic) initial set
+            full = self.synth.images.detach().clone()
+            full[state["shard_rows"].to(self.device)] = state["synth"]["images"].to(self.device)
+            state = dict(state, synth={"images": full})
         super().load_state_dict(state)
-        unit, t = divmod(self.iteration, self.config.iterations)
+        if self.iteration >= self.total_steps:
+            return
+        unit, t = self.unit_at(self.iteration)
         if t and state.get("adam") is not None:  # resumed inside a unit: rebuild it and its Adam state
             self.start_unit_resumed(unit)
             self.adam.load_state_dict(state["adam"])
+            if state.get("unit_generator") is not None:
+                self.unit_gen.set_state(state["unit_generator"])
 
     def start_unit_resumed(self, unit: int) -> None:
         """Rebuild unit ``unit`` in the middle of its run (its rows already hold the current iterate)."""
         RecoverMethod.start_unit(self, unit)
+
+    def merge_shards(self, states: Sequence[dict]) -> RecoverMethod:
+        """Put the finished shards' states (:meth:`state_dict` of every rank of one world size, any order)
+        into this method's set; afterwards :meth:`synthetic_set` is the whole run's set, ``iteration`` the
+        steps of all shards and ``last_loss`` that of the shard which ran the last unit."""
+        worlds = {int(s["shard"][1]) for s in states}
+        ranks = sorted(int(s["shard"][0]) for s in states)
+        if len(worlds) != 1 or ranks != list(range(next(iter(worlds)))):
+            raise ValueError(f"merge: expected one state per rank of one world size, got shards "
+                             f"{sorted(tuple(s['shard']) for s in states)}")
+        world = worlds.pop()
+        last_rank = (self.units - 1) // self.class_batches % world
+        with torch.no_grad():
+            for s in states:
+                rank = int(s["shard"][0])
+                want = len(self.units_of_shard(rank, world)) * self.config.iterations
+                if int(s["iteration"]) != want:
+                    raise ValueError(f"merge: rank {rank} stopped at step {s['iteration']} of {want}; "
+                                     f"rerun with --resume to finish it")
+                rows = self.shard_rows(rank, world)
+                images = s["synth"]["images"]
+                if world > 1 or "shard_rows" in s:
+                    self.synth.images[rows] = images.to(self.device)
+                else:
+                    self.synth.images.copy_(images.to(self.device))
+                if rank == last_rank:
+                    self.last_loss = float(s.get("last_loss", float("nan")))
+        self.iteration = sum(int(s["iteration"]) for s in states)
+        return self
