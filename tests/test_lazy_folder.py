@@ -18,6 +18,8 @@ from fastdd.data import DatasetNotFoundError, LazyImageFolder, load_dataset, mak
 from fastdd.data import folder as folder_mod
 from fastdd.data.folder import scan_image_folder
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny per-step tensors: a second thread only waits
+
 CLASSES = ("n01440764", "n01443537", "n01484850")
 SIZES = ((40, 30), (50, 64), (33, 47), (64, 50), (30, 40))  # (W, H) as Pillow counts
 
