@@ -90,6 +90,10 @@ class EvaluateRun:
     baseline: bool = True  # also train on the same-size real subset
     data_path: Optional[str] = None  # directory holding the dataset
     device: str = default_device()  # cpu, cuda or cuda:N
+    lazy: str = "auto"  # image folders: decode on demand (on), in memory (off), or on above 2 GiB of pixels (auto)
+
+
+LAZY_CHOICES = {"auto": "auto", "on": True, "off": False}
 
 
 def user_errors(what: str, fn: Callable, *args, **kwargs):
@@ -331,7 +335,7 @@ def cmd_evaluate(args, _method_cls=None) -> int:
         defaults.update(teacher=store.meta.get("teacher") or defaults.get("teacher", ""), epochs=store.epochs,
                         batch_size=store.config.batch_size, temperature=store.config.fold_temperature)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
-    train, test = _load_data(meta["dataset"], args.data_path, "train", "test")
+    train, test = _load_eval_data(meta["dataset"], args.data_path, args.lazy)
     if store is not None:
         _check_store(store, syn, cfg, train, needs_teacher=args.baseline)
     elif cfg.protocol == "kd":
@@ -353,6 +357,20 @@ def cmd_evaluate(args, _method_cls=None) -> int:
     atomic_write(Path(args.dir, "eval.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     print(f"{meta['dataset']} IPC {config.get('ipc')} ({meta['method']}): {result.summary()}")
     return 0
+
+
+def _load_eval_data(name: str, root, lazy: str):
+    """The train and test splits for ``evaluate``; image folders per ``--lazy`` (a lazy test split is
+    streamed with ``--workers`` DataLoader workers, a lazy train split only feeds the baseline)."""
+    from .data import load_dataset
+    from .data.registry import FILE_TREES, canonical_name
+
+    if lazy not in LAZY_CHOICES:
+        raise UsageError(f"--lazy: expected one of {', '.join(LAZY_CHOICES)}, got {lazy!r}")
+    mode = LAZY_CHOICES[lazy]
+    if mode is not False and user_errors("--dataset", canonical_name, name) not in FILE_TREES:
+        mode = False  # array formats are small and always in memory
+    return [user_errors("--dataset", load_dataset, name, split, root=root, lazy=mode) for split in ("train", "test")]
 
 
 def _check_store(store, syn, cfg, train, needs_teacher: bool) -> None:

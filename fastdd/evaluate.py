@@ -36,6 +36,14 @@ MixUp-ed batch; the random baseline is trained with exactly the same protocol an
 stored batches, crops and mixes against the stored logits, never querying the teacher (SRe2L's recipe,
 :func:`train_stacked_kd_stored`); a same-size baseline replays the same draws on its own images with the
 teacher queried online (no labels are stored for it), a baseline of another size trains online.
+
+Test sets held in memory (:class:`~fastdd.data.ImageDataset`) are scored in chunks of ``test_batch_size``
+rows (:func:`accuracy_stacked`). A lazily read image folder (:class:`~fastdd.data.LazyImageFolder`, e.g.
+ImageNet's 50 000 validation JPEGs) is streamed instead: a ``DataLoader`` with ``workers`` decoding
+processes (pinned memory on CUDA) yields batches of ``test_batch_size`` rows (0: 256 on a GPU, 64 on a
+CPU), each through all stacked models (:func:`accuracy_stream`). A lazy training split only feeds the
+random baseline: its few images per class are drawn by the same :class:`~fastdd.data.ClassSampler` rule
+and decoded on their own.
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ import copy
 import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +59,7 @@ from torch.func import functional_call, stack_module_state
 
 from .augment import DSA, dsa_strategy_for
 from .compile import Compiled, cache_rows, check_compile_mode, should_compile
-from .data import ClassSampler, ImageDataset
+from .data import ClassSampler, ImageDataset, LazyImageFolder
 from .models import get_model, has_batchnorm
 from .validation import check_labels, check_positive_int, check_tensor
 
@@ -85,7 +93,7 @@ class EvalConfig:
     kd_augment: str = "crop_flip"  # kd: per-sample augmentation: "crop_flip" (RandomCrop pad 4 + flip) | "none"
     teacher_train_mode: bool = False  # kd: teacher BN in train mode (the SRe2L/DWA CIFAR validator's quirk)
     soft_labels: str = ""  # kd: a `fastdd relabel` directory: train on its stored batches and soft labels
-    workers: int = 0  # kd with soft_labels: DataLoader workers replaying the stored batches
+    workers: int = 0  # DataLoader workers: replaying stored batches (kd with soft_labels), decoding a lazy test split
 
     def validate(self) -> None:
         check_positive_int("workers", self.workers, minimum=0)
@@ -270,10 +278,10 @@ def _fit(net: StackedModels, train_images: torch.Tensor, train_labels: torch.Ten
         yield epoch
 
 
-def _work(m_models: int, n: int, passes: int, test_images: torch.Tensor, checkpoints: int) -> int:
+def _work(m_models: int, n: int, passes: int, test_images, checkpoints: int) -> int:
     """The run's forward work in units of 256 image rows (a training row counts 3: forward + backward), the
     ``calls`` that :func:`fastdd.compile.should_compile` weighs against the compile time."""
-    return (3 * m_models * n * passes + checkpoints * m_models * test_images.shape[0]) // 256
+    return (3 * m_models * n * passes + checkpoints * m_models * len(test_images)) // 256
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -336,7 +344,7 @@ def train_stacked(
         for epoch in _fit(net, train_images, train_labels, cfg, generator, lrs=lrs, reset_on_decay=protocol != "idc",
                           augment=augment, loss_fn=loss_fn, bar=bar):
             if (every and (epoch + 1) % every == 0) or epoch + 1 == len(lrs):
-                checkpoints.append(accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size))
+                checkpoints.append(score_test_set(net, test_images, test_labels, cfg))
     return torch.stack(checkpoints, dim=1) if protocol == "idc" else checkpoints[0]
 
 
@@ -380,7 +388,7 @@ def train_stacked_kd(train_images: torch.Tensor, train_labels: torch.Tensor, tes
                 loss.backward()
                 optimizer.step()
             bar.update(m_models)
-    return accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size)
+    return score_test_set(net, test_images, test_labels, cfg)
 
 
 def train_stacked_kd_stored(sources: Sequence[torch.Tensor], store, test_images: torch.Tensor,
@@ -398,7 +406,7 @@ def train_stacked_kd_stored(sources: Sequence[torch.Tensor], store, test_images:
     from .kd import adamw_groups, cosine_epoch_lr, kd_loss
     from .relabel import decode_logits, encode_logits, replay_loader
 
-    device = test_images.device
+    device = test_images.device if isinstance(test_images, torch.Tensor) else sources[0].device
     m_models = len(model_seeds)
     chw = tuple(sources[0].shape[1:])
     workers = cfg.workers
@@ -432,7 +440,7 @@ def train_stacked_kd_stored(sources: Sequence[torch.Tensor], store, test_images:
                 loss.backward()
                 optimizer.step()
             bar.update(total)
-    return accuracy_stacked(net, test_images, test_labels, cfg.test_batch_size)
+    return score_test_set(net, test_images, test_labels, cfg)
 
 
 def default_test_batch(images: torch.Tensor) -> int:
@@ -455,6 +463,36 @@ def accuracy_stacked(net: StackedModels, images: torch.Tensor, labels: torch.Ten
         hits = (logits.argmax(-1) == labels[start:start + batch_size]).sum(-1)
         correct = hits if correct is None else correct + hits
     return correct.double() / images.shape[0]
+
+
+def score_test_set(net: StackedModels, images: Union[torch.Tensor, LazyImageFolder],
+                   labels: Optional[torch.Tensor], cfg: EvalConfig) -> torch.Tensor:
+    """Test accuracy [M]: :func:`accuracy_stacked` for a tensor ``images`` [T, C, H, W] with ``labels`` [T];
+    :func:`accuracy_stream` for a :class:`~fastdd.data.LazyImageFolder` (its own labels; ``labels`` unused),
+    with ``cfg.test_batch_size`` rows per batch and ``cfg.workers`` DataLoader workers."""
+    if isinstance(images, torch.Tensor):
+        return accuracy_stacked(net, images, labels, cfg.test_batch_size)
+    return accuracy_stream(net, images, cfg.test_batch_size, cfg.workers)
+
+
+@torch.no_grad()
+def accuracy_stream(net: StackedModels, dataset, batch_size: int = 0, workers: int = 0) -> torch.Tensor:
+    """Test accuracy [M] of every stacked model on a map-style dataset of ``(image [C, H, W], label)``
+    (a :class:`~fastdd.data.LazyImageFolder`), read in order through a ``DataLoader`` with ``workers``
+    processes and ``batch_size`` rows per batch (0: :func:`fastdd.data.lazy.default_stream_batch`); every
+    batch goes through all models before the next, as in :func:`accuracy_stacked`."""
+    from .data.lazy import default_stream_batch, make_loader
+
+    device = net.parameters()[0].device
+    net.train(False)
+    loader = make_loader(dataset, batch_size or default_stream_batch(device), workers, device)
+    correct, total = None, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        hits = (net.shared(x).argmax(-1) == y).sum(-1)
+        correct = hits if correct is None else correct + hits
+        total += y.shape[0]
+    return correct.double() / total
 
 
 @dataclass
@@ -523,8 +561,8 @@ class EvalResult:
 def evaluate_synset(
     images: torch.Tensor,
     labels: torch.Tensor,
-    train_set: ImageDataset,
-    test_set: ImageDataset,
+    train_set: Union[ImageDataset, LazyImageFolder],
+    test_set: Union[ImageDataset, LazyImageFolder],
     cfg: EvalConfig,
     *,
     baseline_indices: Optional[torch.Tensor] = None,
@@ -545,9 +583,10 @@ def evaluate_synset(
     k = test_set.num_classes
     check_tensor("images", images, ndim=4, finite=True, nonempty=True)
     check_labels("labels", labels, k, length=images.shape[0])
-    if tuple(images.shape[1:]) != tuple(test_set.images.shape[1:]):
+    test_shape = (test_set.channels, *test_set.image_size)
+    if tuple(images.shape[1:]) != test_shape:
         raise ValueError(f"images: shape {tuple(images.shape[1:])} per image does not match the dataset's "
-                         f"{tuple(test_set.images.shape[1:])}")
+                         f"{test_shape}")
     counts = torch.bincount(labels.reshape(-1).long().cpu(), minlength=k)
     if not cfg.allow_missing_classes and int(counts.min()) == 0:
         missing = [int(c) for c in torch.nonzero(counts == 0).flatten()]
@@ -562,16 +601,24 @@ def evaluate_synset(
     sets_x, sets_y = [images.unsqueeze(0).expand(m, *images.shape)], [labels.unsqueeze(0).expand(m, -1)]
     seeds = list(model_seeds)
     if with_baseline:
-        train = train_set.to(device)
+        lazy_train = isinstance(train_set, LazyImageFolder)
+        train = train_set if lazy_train else train_set.to(device)
         if baseline_indices is None:
             counts = torch.bincount(labels, minlength=k)
             if int(counts.min()) != int(counts.max()):
                 raise ValueError("labels: the random baseline needs the same number of images per class "
                                  "(pass baseline_indices)")
-            sampler = ClassSampler(train.images, train.labels, k)
-            baseline_indices = sampler.sample_indices(int(counts[0]), generator).reshape(-1)
-        baseline_indices = baseline_indices.to(device)
-        bx, by = train.images[baseline_indices], train.labels[baseline_indices]
+            if lazy_train:  # the same draw as ClassSampler on the labels: only these files are decoded
+                baseline_indices = train.sample_indices(int(counts[0]), generator).reshape(-1)
+            else:
+                sampler = ClassSampler(train.images, train.labels, k)
+                baseline_indices = sampler.sample_indices(int(counts[0]), generator).reshape(-1)
+        if lazy_train:
+            baseline_indices = baseline_indices.cpu()
+            bx, by = train.images_at(baseline_indices).to(device), train.labels[baseline_indices].to(device)
+        else:
+            baseline_indices = baseline_indices.to(device)
+            bx, by = train.images[baseline_indices], train.labels[baseline_indices]
         sets_x.append(bx.unsqueeze(0).expand(m, *bx.shape))
         sets_y.append(by.unsqueeze(0).expand(m, -1))
         seeds += model_seeds  # paired initialisations
@@ -584,7 +631,7 @@ def evaluate_synset(
         parts = [(sx, sy, model_seeds) for sx, sy in zip(sets_x, sets_y)]
     else:
         parts = [(torch.cat(sets_x), torch.cat(sets_y), seeds)]
-    test_x, test_y = test_set.images.to(device), test_set.labels.to(device)
+    test_x, test_y = _test_tensors(test_set, device)
     accs = torch.cat([
         train_stacked(x, y, test_x, test_y, k, cfg, dataset_name=test_set.name, model_seeds=s, generator=generator,
                       progress=progress, protocol=cfg.protocol)
@@ -598,6 +645,14 @@ def evaluate_synset(
     return EvalResult(accuracies=accs[:m], baseline_accuracies=accs[m:], seconds=time.perf_counter() - start,
                       config=asdict(cfg), checkpoint_accuracies=None if ckpts is None else ckpts[:m],
                       baseline_checkpoint_accuracies=None if ckpts is None else ckpts[m:])
+
+
+def _test_tensors(test_set, device):
+    """``(images, labels)`` on ``device`` for an in-memory test set; a lazy one is passed on as itself (it is
+    streamed by :func:`score_test_set`) with labels None."""
+    if isinstance(test_set, LazyImageFolder):
+        return test_set, None
+    return test_set.images.to(device), test_set.labels.to(device)
 
 
 def _evaluate_kd_stored(images, labels, base_x, base_y, test_set: ImageDataset, cfg: EvalConfig, *, model_seeds,
@@ -636,7 +691,7 @@ def _evaluate_kd_stored(images, labels, base_x, base_y, test_set: ImageDataset, 
             notes["baseline_labels"] = (f"online KD protocol (the baseline has {base_x.shape[0]} images, the "
                                         f"stored labels cover {images.shape[0]})")
             online = dataclasses.replace(cfg, soft_labels="", teacher=spec)
-    test_x, test_y = test_set.images.to(device), test_set.labels.to(device)
+    test_x, test_y = _test_tensors(test_set, device)
     accs = train_stacked_kd_stored(sources, store, test_x, test_y, k, cfg, model_seeds=model_seeds, teacher=teacher,
                                    progress=progress)
     if online is not None:

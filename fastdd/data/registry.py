@@ -11,8 +11,17 @@ import torch
 from .cifar import is_cifar10_dir, is_cifar100_dir, read_cifar10, read_cifar100
 from .dataset import ImageDataset, _check_size, normalize_pixels
 from .digits import read_digits
-from .folder import is_tiny_imagenet_dir, read_image_folder, read_tiny_imagenet
+from .folder import (
+    DECODERS,
+    check_resize,
+    image_size_of,
+    is_tiny_imagenet_dir,
+    load_images,
+    scan_image_folder,
+    scan_tiny_imagenet,
+)
 from .idx import is_idx_dir, read_idx_split
+from .lazy import LazyImageFolder
 from .paths import DatasetNotFoundError, find_dataset_dir
 from .stats import get_stats
 
@@ -121,8 +130,12 @@ def load_dataset(
     *,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
-) -> ImageDataset:
-    """Load one split of a named dataset fully into memory, normalised per channel.
+    lazy: Union[bool, str] = False,
+    resize: str = "direct",
+    crop_fraction: float = 0.875,
+    decoder: str = "auto",
+) -> Union[ImageDataset, LazyImageFolder]:
+    """Load one split of a named dataset, normalised per channel: in memory, or decoded on demand.
 
     ``name``: one of :func:`dataset_names` (case-insensitive; ``fashionmnist``/``fmnist`` are aliases).
     ``split``: ``train`` or ``test`` (Tiny-ImageNet: ``val`` = ``test``; imagefolder: any sub-folder).
@@ -134,6 +147,15 @@ def load_dataset(
 
     Returns an :class:`ImageDataset` with images float32 ``[N, C, H, W]`` = ``(x/255 - mean_c)/std_c`` and
     labels int64 ``[N]``. Raises :class:`DatasetNotFoundError` when the files are not found.
+
+    File trees (``imagefolder``, ``tiny-imagenet``) can instead be read lazily: ``lazy=True`` returns a
+    :class:`~fastdd.data.lazy.LazyImageFolder` (the file index only; one image decoded per item);
+    ``lazy="auto"`` does so when the split's float32 tensor would exceed :data:`LAZY_AUTO_BYTES`
+    (N x C x H x W x 4 bytes, H x W = ``image_size`` or the first image's size), else reads it into
+    memory as ``lazy=False`` does. ``lazy=True`` on the other formats (small, stored as arrays) is a
+    ValueError. ``resize`` (``direct`` | ``center_crop``) and ``crop_fraction``: the resize rule of
+    :mod:`fastdd.data.folder` (file trees only). ``decoder`` (``auto`` | ``pil`` | ``torchvision``): the
+    lazy decoder (the in-memory reader always uses Pillow, as does ``pil``).
     """
     canon = canonical_name(name)
     spec = _SPECS[canon]
@@ -146,6 +168,14 @@ def load_dataset(
         split = "test"
     size = _check_size(image_size) if image_size is not None else None
     mean_, std_ = _stats_for(canon, mean, std)
+    if lazy not in (True, False, "auto"):
+        raise ValueError(f"lazy: expected True, False or 'auto', got {lazy!r}")
+    check_resize(resize, crop_fraction)
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder: expected one of {list(DECODERS)}, got {decoder!r}")
+    if lazy is True and canon not in FILE_TREES:
+        raise ValueError(f"lazy: {canon} is read from array files into memory; lazy reading is for the file trees "
+                         f"({', '.join(FILE_TREES)})")
 
     if canon == "digits":
         pixels, labels, names = read_digits(split)
@@ -164,7 +194,9 @@ def load_dataset(
                 dataset=canon,
                 searched=[str(root_p)],
             )
-        pixels, labels, names = read_image_folder(root_p, split, size, channels=len(mean_))
+        if len(mean_) not in (1, 3):
+            raise ValueError(f"channels: image folders are read as 1 (L) or 3 (RGB) channels, got {len(mean_)}")
+        files, labels, names = scan_image_folder(root_p, split)
         scale = 255.0
     else:
         directory = find_dataset_dir(canon, spec.subdirs, spec.is_dataset_dir, root, hint=spec.hint)
@@ -176,8 +208,19 @@ def load_dataset(
         elif canon == "cifar100":
             pixels, labels, names = read_cifar100(directory, split)
         else:  # tiny-imagenet
-            pixels, labels, names = read_tiny_imagenet(directory, split, size)
+            files, labels, names = scan_tiny_imagenet(directory, split)
         scale = 255.0
+    if canon in FILE_TREES:
+        channels = len(mean_) if canon == "imagefolder" else 3
+        if len(mean_) != channels:
+            raise ValueError(f"mean/std: {canon} images have {channels} channels, got {len(mean_)} values")
+        if lazy == "auto":
+            h, w = size or image_size_of(files[0])
+            lazy = len(files) * channels * h * w * 4 > LAZY_AUTO_BYTES
+        if lazy:
+            return LazyImageFolder(files, labels, names, name=canon, split=split, mean=mean_, std=std_,
+                                   image_size=size, resize=resize, crop_fraction=crop_fraction, decoder=decoder)
+        pixels = load_images(files, size, channels, resize, crop_fraction)
 
     num_classes = len(names)
     labels_t = torch.from_numpy(labels)
@@ -192,6 +235,11 @@ def load_dataset(
         class_names=list(names), mean=mean_, std=std_,
     )
 
+
+#: the datasets stored as image files, which can be read lazily
+FILE_TREES = ("imagefolder", "tiny-imagenet")
+#: ``load_dataset(lazy="auto")`` reads a file tree lazily when its float32 tensor would exceed this many bytes
+LAZY_AUTO_BYTES = 2 << 30
 
 _IDX_CLASS_NAMES = {
     "mnist": [str(i) for i in range(10)],
