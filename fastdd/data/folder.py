@@ -204,14 +204,19 @@ def load_images(
     def work(i: int) -> None:
         out[i] = decode_image(files[i], channels, (h, w), resize, crop_fraction)
 
-    workers = max(1, min(8, os.cpu_count() or 1, len(files) // 64))
-    if workers == 1:
-        for i in range(len(files)):
+    run_threaded(len(files), work, max(1, min(8, os.cpu_count() or 1, len(files) // 64)))
+    return out
+
+
+def run_threaded(n: int, work, workers: int) -> None:
+    """Call ``work(i)`` for every i in ``range(n)``: in a pool of ``workers`` threads, or in this thread when
+    ``workers`` is 1 or n < 2 (Pillow releases the GIL while decoding, so threads overlap the decodes)."""
+    if workers <= 1 or n < 2:
+        for i in range(n):
             work(i)
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(work, range(len(files))))
-    return out
+            list(pool.map(work, range(n)))
 
 
 def _split_dir(root: Path, split: str) -> Path:

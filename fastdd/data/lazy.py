@@ -21,7 +21,6 @@ Who reads what:
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..validation import check_positive_int
 from .dataset import ImageDataset, _stats_view
-from .folder import check_resize, decode_image, image_size_of, resolve_decoder
+from .folder import check_resize, decode_image, image_size_of, resolve_decoder, run_threaded
 
 
 class LazyImageFolder(Dataset):
@@ -144,13 +143,7 @@ class LazyImageFolder(Dataset):
         def work(j: int) -> None:
             out[j] = self[idx[j]][0]
 
-        threads = threads or max(1, min(8, os.cpu_count() or 1, len(idx) // 16))
-        if threads == 1 or len(idx) < 2:
-            for j in range(len(idx)):
-                work(j)
-        else:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(work, range(len(idx))))
+        run_threaded(len(idx), work, threads or max(1, min(8, os.cpu_count() or 1, len(idx) // 16)))
         return out
 
     # ------------------------------------------------------------------------------------------ sampling
