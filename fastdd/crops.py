@@ -43,14 +43,18 @@ def rrc_box(height: int, width: int, generator: torch.Generator, scale=(0.08, 1.
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return _randint(generator, 0, height - h), _randint(generator, 0, width - w), h, w
+    h, w = _fallback_crop_size(height, width, ratio)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _fallback_crop_size(height: int, width: int, ratio) -> Tuple[int, int]:
+    """(h, w) of the centre crop RandomResizedCrop falls back to: the whole image clipped to the ratio range."""
     in_ratio = width / height
     if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+        return int(round(width / ratio[0])), width
+    if in_ratio > ratio[1]:
+        return height, int(round(height * ratio[1]))
+    return height, width
 
 
 @dataclass(frozen=True)
@@ -153,13 +157,7 @@ def rrc_boxes(n: int, height: int, width: int, generator: torch.Generator, scale
     h = torch.sqrt(target / aspect).round().long().cpu()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1, dtype=torch.long))
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        cw, ch = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        ch, cw = height, int(round(height * ratio[1]))
-    else:
-        cw, ch = width, height
+    ch, cw = _fallback_crop_size(height, width, ratio)
     rows = torch.arange(n)
     ok = first >= 0
     bh = torch.where(ok, h[rows, first.clamp(min=0)], torch.full((n,), ch))
