@@ -8,7 +8,8 @@ sum over classes of squared mean-embedding distances, backward, one SGD step on 
   per class one forward per side, in-place ReLU, the reference's DSA cost (reseed per op, one
   affine_grid / grid_sample per geometric op), a new network module every iteration;
 * ``fastdd`` (B): ``fastdd.methods.dm.DM.step`` with the config ``fastdd distill`` uses (``compile="auto"``
-  at the default 20k iterations, automatic real chunk, channels_last on CPUs);
+  at the default 20k iterations, automatic real chunk, channels_last on CPUs), inside
+  :func:`fastdd.allocator.reuse_freed_memory` as ``Method.fit`` runs it (A runs with glibc's limits);
 * ``fastdd-eager`` (B with ``compile="off"``), to separate the compile gain from the rest.
 
 Inputs are random tensors of the dataset's shape (10 classes x 300 pool images; 1x28x28 is built as
@@ -35,6 +36,7 @@ from _harness import append_rows, check_device, default_device, environment, pea
 from _machine import machine_lines  # noqa: E402
 from _reference_loop import make_ref_dm_iteration  # noqa: E402
 
+from fastdd.allocator import reuse_freed_memory  # noqa: E402
 from fastdd.data import ImageDataset  # noqa: E402
 from fastdd.methods.dm import DM, DMConfig  # noqa: E402
 
@@ -64,8 +66,18 @@ def providers(ds: ImageDataset, ipc: int, batch_real: int, device, compile_mode:
     out = {"reference-loop": make_ref_dm_iteration(ds.images, ds.labels, ds.num_classes, ipc, batch_real, g)}
     for name, mode in (("fastdd", compile_mode), ("fastdd-eager", "off")):
         method = DM(DMConfig(ipc=ipc, batch_real=batch_real, compile=mode), ds, device=device)
-        out[name] = method.step
+        out[name] = in_fit(method.step)
     return out
+
+
+def in_fit(step):
+    """``step`` run as ``Method.fit`` runs it: with freed large blocks kept for reuse
+    (:func:`fastdd.allocator.reuse_freed_memory`); the heap stays for the next call, the reference's calls
+    in between run with glibc's limits."""
+    def run():
+        with reuse_freed_memory(release=False):
+            return step()
+    return run
 
 
 def interleaved(calls: dict, device, repeats: int, warmup: int = 2, outputs: Optional[dict] = None) -> dict:

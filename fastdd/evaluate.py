@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
+from .allocator import reuse_freed_memory
 from .augment import DSA, dsa_strategy_for
 from .compile import Compiled, cache_rows, check_compile_mode, should_compile
 from .data import ClassSampler, ImageDataset, LazyImageFolder
@@ -290,6 +291,7 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, disable=not enabled, desc=desc, unit="model-epoch", leave=False)
 
 
+@reuse_freed_memory()
 def train_stacked(
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
@@ -348,6 +350,7 @@ def train_stacked(
     return torch.stack(checkpoints, dim=1) if protocol == "idc" else checkpoints[0]
 
 
+@reuse_freed_memory()
 def train_stacked_kd(train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
                      test_labels: torch.Tensor, num_classes: int, cfg: EvalConfig, *, model_seeds: Sequence[int],
                      generator: torch.Generator, progress: bool = False) -> torch.Tensor:
@@ -391,6 +394,7 @@ def train_stacked_kd(train_images: torch.Tensor, train_labels: torch.Tensor, tes
     return score_test_set(net, test_images, test_labels, cfg)
 
 
+@reuse_freed_memory()
 def train_stacked_kd_stored(sources: Sequence[torch.Tensor], store, test_images: torch.Tensor,
                             test_labels: torch.Tensor, num_classes: int, cfg: EvalConfig, *,
                             model_seeds: Sequence[int], teacher: Optional[torch.nn.Module] = None,
@@ -558,6 +562,7 @@ class EvalResult:
         return text
 
 
+@reuse_freed_memory()
 def evaluate_synset(
     images: torch.Tensor,
     labels: torch.Tensor,

@@ -63,6 +63,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .allocator import reuse_freed_memory
 from .checkpoint import atomic_write, clean_stale_tmp
 from .crops import beta_draws, rrc_boxes
 
@@ -314,6 +315,7 @@ def format_storage(report: dict, epochs: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ relabel
+@reuse_freed_memory()
 def relabel_set(images: torch.Tensor, labels: torch.Tensor, teacher: torch.nn.Module, cfg: RelabelConfig,
                 out_dir, *, teacher_spec: str = "", dataset: str = "", resume: bool = False,
                 progress: Optional[Callable[[str], None]] = None) -> dict:

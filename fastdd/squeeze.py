@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .allocator import reuse_freed_memory
 from .checkpoint import atomic_write, check_run_meta, dataset_fingerprint, save_atomic
 from .checkpoint import load as load_checkpoint
 from .crops import random_crop_flip
@@ -118,6 +119,7 @@ def check_resume(out_dir, train: ImageDataset, cfg: SqueezeConfig) -> None:
     check_run_meta(Path(out_dir) / TEACHER_META, _meta(train, cfg, 0, None), what="squeeze recipe", grows="epochs")
 
 
+@reuse_freed_memory()
 def squeeze(train: ImageDataset, cfg: SqueezeConfig, out_dir, *, test: Optional[ImageDataset] = None,
             device="cpu", resume: bool = False, progress: bool = True,
             on_epoch: Optional[Callable[[int], None]] = None) -> Path:

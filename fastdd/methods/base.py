@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..allocator import reuse_freed_memory
 from ..augment import DSA, dsa_strategy_for
 from ..data import ClassSampler, ImageDataset
 from ..models import get_model
@@ -263,6 +264,7 @@ class Method:
         self.last_loss = float(state.get("last_loss", float("nan")))
 
     # ----------------------------------------------------------------------------------- loop
+    @reuse_freed_memory()
     def fit(
         self,
         iterations: Optional[int] = None,
