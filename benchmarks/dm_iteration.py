@@ -9,12 +9,15 @@ sum over classes of squared mean-embedding distances, backward, one SGD step on 
   affine_grid / grid_sample per geometric op), a new network module every iteration;
 * ``fastdd`` (B): ``fastdd.methods.dm.DM.step`` with the config ``fastdd distill`` uses (``compile="auto"``
   at the default 20k iterations, automatic real chunk, channels_last on CPUs), inside
-  :func:`fastdd.allocator.reuse_freed_memory` as ``Method.fit`` runs it (A runs with glibc's limits);
+  :func:`fastdd.allocator.reuse_freed_memory` as ``Method.fit`` runs it;
 * ``fastdd-eager`` (B with ``compile="off"``), to separate the compile gain from the rest.
 
 Inputs are random tensors of the dataset's shape (10 classes x 300 pool images; 1x28x28 is built as
-Fashion-MNIST, 3x32x32 as CIFAR-10). Providers are timed interleaved in one process (one run of each in
-turn after warm-up, which includes compilation): median, p20-p80 spread, the ratio A/B of medians, and
+Fashion-MNIST, 3x32x32 as CIFAR-10). Each provider lives in its own spawned process, so that each has
+the allocator state its own program would have (fastdd's kept heap would otherwise speed up the
+reference's allocations too: measured, the reference's iteration dropped from 7-8 s to 3-5 s when it
+shared a process with fastdd). They are timed interleaved (one run of each in turn after warm-up, which
+includes compilation; the time of a run includes a pipe round trip of well under a millisecond): median, p20-p80 spread, the ratio A/B of medians, and
 peak memory. Results are appended to ``benchmarks/results/dm_iteration.csv`` and the Markdown table is
 regenerated with the machine description (CPU model, cores, SIMD, torch).
 
@@ -46,7 +49,7 @@ COLUMNS = ("bench", "shape", "ipc", "batch_real", "provider", "median_ms", "p20_
 SHAPES = {"1x28x28": (1, 28, 28, "fashion-mnist"), "3x32x32": (3, 32, 32, "cifar10")}
 REPORT = ("One DM iteration: reference-loop structure (A) vs fastdd (B)",  # title and intro of the Markdown table
           "Full iteration (real draw, fresh ConvNet-3, DSA, both embeddings, loss, backward, SGD step), providers "
-          "interleaved in one process. Produced by `python benchmarks/dm_iteration.py` (`make bench`). A/B > 1: "
+          "interleaved in time, each in its own process (its own allocator state). Produced by `python benchmarks/dm_iteration.py` (`make bench`). A/B > 1: "
           "fastdd is faster.")
 
 
@@ -60,24 +63,89 @@ def random_dataset(shape: str, classes: int, per_class: int, device, seed: int =
                         num_classes=classes, mean=(0.0,) * c, std=(1.0,) * c)
 
 
-def providers(ds: ImageDataset, ipc: int, batch_real: int, device, compile_mode: str):
-    """name -> zero-argument callable running one iteration."""
-    g = torch.Generator(device=device).manual_seed(1)
-    out = {"reference-loop": make_ref_dm_iteration(ds.images, ds.labels, ds.num_classes, ipc, batch_real, g)}
-    for name, mode in (("fastdd", compile_mode), ("fastdd-eager", "off")):
-        method = DM(DMConfig(ipc=ipc, batch_real=batch_real, compile=mode), ds, device=device)
-        out[name] = in_fit(method.step)
-    return out
+PROVIDERS = ("reference-loop", "fastdd", "fastdd-eager")
+
+
+def make_provider(name: str, ds: ImageDataset, ipc: int, batch_real: int, device, compile_mode: str):
+    """Zero-argument callable running one iteration of provider ``name`` (module docstring)."""
+    if name == "reference-loop":
+        g = torch.Generator(device=device).manual_seed(1)
+        return make_ref_dm_iteration(ds.images, ds.labels, ds.num_classes, ipc, batch_real, g)
+    mode = compile_mode if name == "fastdd" else "off"
+    method = DM(DMConfig(ipc=ipc, batch_real=batch_real, compile=mode), ds, device=device)
+    return in_fit(method.step)
 
 
 def in_fit(step):
     """``step`` run as ``Method.fit`` runs it: with freed large blocks kept for reuse
-    (:func:`fastdd.allocator.reuse_freed_memory`); the heap stays for the next call, the reference's calls
-    in between run with glibc's limits."""
+    (:func:`fastdd.allocator.reuse_freed_memory`), the heap kept between calls."""
     def run():
         with reuse_freed_memory(release=False):
             return step()
     return run
+
+
+def _worker(conn, name: str, shape: str, ipc: int, batch_real: int, device: str, compile_mode: str,
+            threads: int) -> None:
+    """Serve one provider in this process: ``"call"`` runs an iteration, ``"peak"`` measures one's peak
+    memory, ``"stop"`` ends; every reply is ``(ok, value)``."""
+    torch.set_num_threads(threads)
+    try:
+        ds = random_dataset(shape, 10, max(300, batch_real), device)
+        fn = make_provider(name, ds, ipc, batch_real, device, compile_mode)
+        conn.send((True, None))
+        while True:
+            cmd = conn.recv()
+            if cmd == "stop":
+                break
+            if cmd == "call":
+                fn()
+                sync(device)
+                conn.send((True, None))
+            elif cmd == "peak":
+                conn.send((True, peak_memory(fn, device)))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
+        import traceback
+
+        conn.send((False, f"{name}: {exc!r}\n{traceback.format_exc()}"))
+
+
+class ProcessProvider:
+    """A provider living in its own process, so that each has the allocator state its own program would
+    have: fastdd keeps freed blocks on glibc's heap (:mod:`fastdd.allocator`), which, in a shared process,
+    would also speed up the reference's allocations. Calling it runs one iteration there and blocks."""
+
+    def __init__(self, name: str, *args):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.name, (self.conn, child) = name, ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, name, *args, torch.get_num_threads()), daemon=True)
+        self.proc.start()
+        self._reply()
+
+    def _reply(self):
+        ok, value = self.conn.recv()
+        if not ok:
+            raise RuntimeError(f"benchmark worker failed: {value}")
+        return value
+
+    def __call__(self) -> None:
+        self.conn.send("call")
+        self._reply()
+
+    def peak_memory(self) -> tuple:
+        self.conn.send("peak")
+        return self._reply()
+
+    def close(self) -> None:
+        self.conn.send("stop")
+        self.proc.join(timeout=60)
+
+
+def providers(shape: str, ipc: int, batch_real: int, device, compile_mode: str) -> dict:
+    """name -> :class:`ProcessProvider` for every provider."""
+    return {name: ProcessProvider(name, shape, ipc, batch_real, str(device), compile_mode) for name in PROVIDERS}
 
 
 def interleaved(calls: dict, device, repeats: int, warmup: int = 2, outputs: Optional[dict] = None) -> dict:
@@ -177,11 +245,12 @@ def main(argv=None) -> int:
     env = environment(device)
     rows = []
     for shape in args.shape:
-        ds = random_dataset(shape, 10, max(300, args.batch_real), device)
         for ipc in ipcs:
-            calls = providers(ds, ipc, args.batch_real, device, args.compile)
+            calls = providers(shape, ipc, args.batch_real, device, args.compile)
             times = interleaved(calls, device, repeats)
-            mems = {k: peak_memory(fn, device) for k, fn in calls.items()}
+            mems = {k: fn.peak_memory() for k, fn in calls.items()}
+            for fn in calls.values():
+                fn.close()
             new = summarise("dm_iteration", {"shape": shape, "ipc": str(ipc), "batch_real": str(args.batch_real)},
                             times, mems, env, notes="quick" if args.quick else "")
             for r in new:

@@ -40,6 +40,7 @@ LAYERS = {
     "fastdd.validation": 0,
     "fastdd.errors": 0,
     "fastdd.devices": 0,
+    "fastdd.allocator": 0,  # glibc malloc settings for the long loops (ctypes only)
 }
 
 
