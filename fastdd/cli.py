@@ -313,13 +313,34 @@ def _distill(args, method_cls, config, device, out: Path, ctx) -> int:
 
 # --------------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args, _method_cls=None) -> int:
-    from .checkpoint import atomic_write
-    from .evaluate import EvalConfig, evaluate_synset, protocol_config
-    from .synset import load_synset
+    """``fastdd evaluate``; under ``torchrun`` (WORLD_SIZE > 1, kd protocol only) every process joins the process
+    group (gloo on the CPU, nccl on CUDA), the students train with DistributedDataParallel on each rank's share of
+    every global batch (:func:`fastdd.evaluate.fit_stacked_kd`) and rank 0 alone prints and writes ``eval.json``."""
+    from . import distributed
+    from .evaluate import EvalConfig, protocol_config
 
     given = values_from_args(EvalConfig, args)
     cfg = make_config(protocol_config, dict(given, name=given.pop("protocol", "dm")))
+    ctx = user_errors("torchrun", distributed.from_env)
+    if ctx is not None and cfg.protocol != "kd":
+        raise UsageError(f"--protocol {cfg.protocol}: only --protocol kd trains with DistributedDataParallel under "
+                         f"torchrun ({ctx.world} processes); run it as a single process")
     device = check_device(args.device)
+    if ctx is None:
+        return _evaluate(args, given, cfg, device, None)
+    device = check_device(str(ctx.device(device)))
+    distributed.init(ctx, device)
+    try:
+        return _evaluate(args, given, cfg, device, ctx)
+    finally:
+        distributed.shutdown()
+
+
+def _evaluate(args, given: dict, cfg, device, ctx) -> int:
+    from .checkpoint import atomic_write
+    from .evaluate import evaluate_synset
+    from .synset import load_synset
+
     syn = user_errors("synthetic set", load_synset, args.dir)
     meta, config = syn["metadata"], syn["config"]
     defaults = {"model": config.get("model", "ConvNet")}  # the distillation network and augmentation
@@ -328,13 +349,17 @@ def cmd_evaluate(args, _method_cls=None) -> int:
     if cfg.protocol == "kd":  # the set's own teacher (sre2l / dwa) unless --teacher is given
         defaults["teacher"] = config.get("teacher", "")
     store = None
-    if cfg.soft_labels:  # stored relabel: its teacher, epochs, batch and temperature unless given
+    if cfg.soft_labels:  # stored relabel: its teacher, epochs, batch, temperature and preset unless given
         from .relabel import RelabelStore
 
         store = flag_errors(RelabelStore, cfg.soft_labels)
         defaults.update(teacher=store.meta.get("teacher") or defaults.get("teacher", ""), epochs=store.epochs,
                         batch_size=store.config.batch_size, temperature=store.config.fold_temperature)
+        if cfg.kd_preset == "auto":  # the recipe the labels were stored for
+            defaults["kd_preset"] = store.config.preset
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
+    # the kd preset (auto: by the set's dataset and image size) fills the kd fields no flag or store set
+    cfg = flag_errors(cfg.resolved, str(meta.get("dataset", "")), tuple(syn["images"].shape[2:]))
     train, test = _load_eval_data(meta["dataset"], args.data_path, args.lazy)
     if store is not None:
         _check_store(store, syn, cfg, train, needs_teacher=args.baseline)
@@ -345,17 +370,24 @@ def cmd_evaluate(args, _method_cls=None) -> int:
         from .teacher import load_teacher
 
         user_errors("--teacher", load_teacher, cfg.teacher, train.channels, train.num_classes, train.image_size)
+    lead = ctx is None or ctx.rank == 0
+    kwargs = dict(device=device, baseline_indices=syn.get("init_indices"), with_baseline=args.baseline,
+                  progress=lead, ddp=ctx is not None)
     if not hasattr(cfg, "allow_missing_classes"):  # evaluate.py without the set check: no conversion
-        result = evaluate_synset(syn["images"], syn["labels"], train, test, cfg, device=device,
-                                 baseline_indices=syn.get("init_indices"), with_baseline=args.baseline)
+        result = evaluate_synset(syn["images"], syn["labels"], train, test, cfg, **kwargs)
     else:  # its only ValueErrors before training are the checks of the given set ("labels: ...")
         result = user_errors("synthetic set", evaluate_synset, syn["images"], syn["labels"], train, test, cfg,
-                             device=device, baseline_indices=syn.get("init_indices"), with_baseline=args.baseline)
+                             **kwargs)
+    if not lead:
+        return 0
     report = result.to_dict()
     report["baseline"] = "initial real subset" if syn.get("init_indices") is not None else "random real subset"
     report["dataset"], report["ipc"] = meta["dataset"], config.get("ipc")
+    report["processes"] = 1 if ctx is None else ctx.world
     atomic_write(Path(args.dir, "eval.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
-    print(f"{meta['dataset']} IPC {config.get('ipc')} ({meta['method']}): {result.summary()}")
+    preset = f", kd preset {cfg.kd_preset}" if cfg.protocol == "kd" else ""
+    procs = f", {ctx.world} processes (DDP)" if ctx is not None else ""
+    print(f"{meta['dataset']} IPC {config.get('ipc')} ({meta['method']}{preset}{procs}): {result.summary()}")
     return 0
 
 

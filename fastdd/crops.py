@@ -8,6 +8,8 @@
   call and applied to every image of the batch.
 - :func:`random_crop_flip`: per-sample RandomCrop(size, padding) + horizontal flip (the squeeze and KD
   training augmentation), batched with one gather.
+- :func:`random_resized_crop_flip`: per-sample RandomResizedCrop back to the input size (bilinear) +
+  horizontal flip (the Tiny-ImageNet / ImageNet KD training augmentation), batched with one ``grid_sample``.
 - :func:`beta_draws`: Beta(alpha, alpha) ratios from a generator (MixUp).
 """
 from __future__ import annotations
@@ -118,6 +120,49 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int =
     idx_n = torch.arange(n, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # [N, H, W, C]
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator, scale=(0.08, 1.0),
+                             flip: bool = True) -> torch.Tensor:
+    """Per-sample RandomResizedCrop (area fraction in ``scale``, aspect ratio in (3/4, 4/3), torchvision's rule,
+    :func:`rrc_boxes`) resized back to H x W, then with ``flip`` a horizontal flip with probability 0.5:
+    x [N, C, H, W] -> [N, C, H, W]. Draws: the boxes of :func:`rrc_boxes`, then N flip coins.
+
+    The resize is ``F.interpolate(crop, (H, W), mode="bilinear", align_corners=False)`` of each crop (a crop is
+    never larger than the output, so antialiasing never applies), done for all crops at once as two gathers and
+    lerps (rows, then columns) with interpolate's source coordinates ``clamp(s (i + 0.5) - 0.5, 0)``, s = h / H."""
+    n, c, h, w = x.shape
+    dev = generator.device
+    boxes = rrc_boxes(n, h, w, generator, tuple(scale)).to(x.device)  # [N, 4] (top, left, bh, bw)
+    coin = (torch.rand(n, generator=generator, device=dev) < 0.5).to(x.device) if flip else None
+    x = _lerp_axis(x, boxes[:, 0], boxes[:, 2], axis=2)  # [N, C, H, W]: rows of each crop, resized
+    x = _lerp_axis(x, boxes[:, 1], boxes[:, 3], axis=3)
+    if coin is not None:
+        x = torch.where(coin[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def _lerp_axis(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor, axis: int) -> torch.Tensor:
+    """Bilinear resize along ``axis`` (2: rows, 3: columns) of the window [start_n, start_n + length_n) of every
+    sample n back to the axis's full size (align_corners=False, as ``F.interpolate``). x [N, C, H, W]."""
+    size = x.shape[axis]
+    scale = length.to(torch.float32)[:, None] / size  # [N, 1]
+    src = (scale * (torch.arange(size, device=x.device, dtype=torch.float32)[None, :] + 0.5) - 0.5).clamp(min=0)
+    i0 = src.floor().long()  # [N, S], inside the window
+    lam = (src - i0).to(x.dtype)
+    i1 = torch.minimum(i0 + 1, length[:, None] - 1)
+    i0, i1 = i0 + start[:, None], i1 + start[:, None]
+    shape = [x.shape[0], 1, 1, 1]
+    shape[axis] = size
+    lam = lam.view(shape)
+    if axis == 2:
+        idx0, idx1 = i0[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]), \
+            i1[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+    else:
+        idx0, idx1 = i0[:, None, None, :].expand(-1, x.shape[1], x.shape[2], -1), \
+            i1[:, None, None, :].expand(-1, x.shape[1], x.shape[2], -1)
+    a, b = x.gather(axis, idx0), x.gather(axis, idx1)
+    return a * (1 - lam) + b * lam
 
 
 def beta_draws(alpha: float, count: int, generator: torch.Generator) -> torch.Tensor:
