@@ -30,7 +30,7 @@ only, rho 0.015, K 12), ``tiny`` (2000, batch 200, lr 0.1, r_var 11, RRC + flip 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -99,8 +99,8 @@ class DWA(RecoverMethod):
 
     config_cls = DWAConfig
 
-    def __init__(self, config: DWAConfig, dataset, device="cpu"):
-        super().__init__(config, dataset, device)
+    def __init__(self, config: DWAConfig, dataset, device="cpu", shard: Optional[Tuple[int, int]] = None):
+        super().__init__(config, dataset, device, shard=shard)
         self.trained = [p.detach().clone() for p in self.teacher.parameters()]
 
     def _restore_teacher(self) -> None:

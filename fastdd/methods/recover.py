@@ -33,7 +33,9 @@ Sharding (:meth:`RecoverMethod.shard`, used by ``torchrun ... fastdd distill``):
 of the IPC indices j with j % W == r, in their usual order, and its iteration counter counts only its own
 steps. Whole IPC indices go to one process because DWA's ``accumulate`` mode chains the class batches of an
 IPC index through one perturbed teacher. As every unit has its own randomness, the shards put together
-(:meth:`RecoverMethod.merge_shards`) equal the one-process set exactly (on a deterministic device).
+(:meth:`RecoverMethod.merge_shards`) equal the one-process set exactly (on a deterministic device). Built
+with ``shard=(rank, world)`` (as ``fastdd distill`` does under torchrun), a real-image initialisation reads
+only the shard's rows, so on a lazily read image folder each process decodes only its own initial images.
 """
 from __future__ import annotations
 
@@ -103,6 +105,13 @@ class RecoverConfig(MethodConfig):
                 raise ValueError(f"{name}: must lie in [0, 1), got {getattr(self, name)}")
 
 
+def check_shard(rank, world) -> Tuple[int, int]:
+    """``(rank, world)`` if they are ints with 0 <= rank < world, else ValueError."""
+    if not (isinstance(world, int) and isinstance(rank, int) and world >= 1 and 0 <= rank < world):
+        raise ValueError(f"shard: need 0 <= rank < world, got rank {rank!r}, world {world!r}")
+    return rank, world
+
+
 def unit_seeds(seed: int, unit: int) -> Tuple[int, int]:
     """(init seed, synthesis seed) of unit ``unit`` of a run seeded ``seed``: the two 64-bit integers made
     of the four 32-bit words of ``numpy.random.SeedSequence((seed mod 2**64, unit)).generate_state(4)``
@@ -140,9 +149,13 @@ class RecoverMethod(Method):
     config_cls = RecoverConfig
     supports_sharding = True  # torchrun: one shard of IPC indices per process (module docstring)
     writes_jpeg = True  # `fastdd distill` writes DIR/train/<class>/<index>.jpg by default
+    needs_real_set = False  # real images only initialise the set: a LazyImageFolder is fine
 
-    def __init__(self, config: RecoverConfig, dataset, device="cpu"):
+    def __init__(self, config: RecoverConfig, dataset, device="cpu", shard: Optional[Tuple[int, int]] = None):
+        """``shard=(rank, world)``: this process runs that shard (as :meth:`shard` does) and a real-image
+        initialisation reads only the shard's rows (:meth:`_initial_images`)."""
         config = resolve_config(config, dataset)
+        self._init_shard = None if shard is None else check_shard(*shard)
         super().__init__(config, dataset, device)
         ds = self.dataset
         self.teacher, self.teacher_info = load_teacher(config.teacher, ds.channels, ds.num_classes, ds.image_size,
@@ -157,6 +170,8 @@ class RecoverMethod(Method):
         self.pixel_low, self.pixel_high = (0 - mean) / std, (1 - mean) / std  # [1, C, 1, 1]
         self.work: Optional[torch.nn.Parameter] = None
         self.adam: Optional[torch.optim.Adam] = None
+        if shard is not None:
+            self.shard(*shard)
 
     # ------------------------------------------------------------------------------------------- units
     @property
@@ -175,11 +190,14 @@ class RecoverMethod(Method):
         return len(self.shard_units) * self.config.iterations
 
     def _initial_images(self) -> torch.Tensor:
-        """Real images from the run's generator (base class), or each unit's N(0, 1) draw from its own
-        *init* generator (module docstring)."""
+        """The initial set [K*n, C, H, W]: real images from the run's generator (base class; built with a
+        ``shard``, only that shard's rows are read, the others stay zero: they are never used by this
+        process and :meth:`merge_shards` overwrites them), or each unit's N(0, 1) draw from its own *init*
+        generator (module docstring)."""
         if self.config.init == "real":
-            return super()._initial_images()
-        shape = (self.num_classes * self.images_per_class, *self.dataset.images.shape[1:])
+            rows = None if self._init_shard is None else self.shard_rows(*self._init_shard)
+            return self._initial_real_images(rows)
+        shape = self._set_shape()
         out = torch.empty(shape, device=self.device)
         for unit in range(self.units):
             rows = self.unit_rows(unit)[2]
@@ -190,10 +208,12 @@ class RecoverMethod(Method):
     def shard(self, rank: int, world: int) -> RecoverMethod:
         """Make this process rank ``rank`` of ``world``: it runs the units of the IPC indices j with
         j % world == rank (module docstring). Call before :meth:`fit` and :meth:`load_state_dict`."""
-        if not (isinstance(world, int) and isinstance(rank, int) and world >= 1 and 0 <= rank < world):
-            raise ValueError(f"shard: need 0 <= rank < world, got rank {rank!r}, world {world!r}")
+        rank, world = check_shard(rank, world)
         if self.iteration:
             raise RuntimeError("shard: the run has already started")
+        if self._init_shard is not None and (rank, world) != self._init_shard:
+            raise RuntimeError(f"shard: this method was built for rank {self._init_shard[0]} of "
+                               f"{self._init_shard[1]} (its initial images hold only that shard's rows)")
         self.rank, self.world = rank, world
         self.shard_units = self.units_of_shard(rank, world)
         return self
