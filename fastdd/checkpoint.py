@@ -77,9 +77,15 @@ def clean_stale_tmp(directory: str | os.PathLike) -> list:
 
 
 def dataset_fingerprint(dataset) -> str:
-    """A cheap identity of a dataset: SHA-256 over its labels, image shape and a strided sample of pixels."""
+    """A cheap identity of a dataset: SHA-256 over its labels, image shape and a strided sample of pixels.
+    A lazily read image folder (no ``images`` tensor, :func:`fastdd.data.is_lazy`) is identified without
+    decoding it: :func:`lazy_fingerprint` (so the same folder read eagerly has another fingerprint)."""
     import hashlib
 
+    from .data import is_lazy
+
+    if is_lazy(dataset):
+        return lazy_fingerprint(dataset)
     h = hashlib.sha256()
     images = dataset.images
     h.update(repr((dataset.name, tuple(images.shape), int(dataset.num_classes))).encode())
@@ -90,13 +96,31 @@ def dataset_fingerprint(dataset) -> str:
     return h.hexdigest()[:16]
 
 
+def lazy_fingerprint(dataset, sample: int = 8) -> str:
+    """The identity of a lazy image folder: SHA-256 over (name, N, C, H, W, K), its labels, its file paths
+    relative to their common folder (the tree may move) and the decoded pixels of ``sample`` evenly spaced
+    files; only those files are opened."""
+    import hashlib
+
+    n = len(dataset)
+    h = hashlib.sha256()
+    h.update(repr((dataset.name, n, dataset.channels, tuple(dataset.image_size), int(dataset.num_classes))).encode())
+    h.update(dataset.labels.detach().cpu().to(torch.int64).numpy().tobytes())
+    paths = [os.fsdecode(p) for p in dataset.files]
+    common = os.path.commonpath(paths) if n > 1 else os.path.dirname(paths[0])
+    h.update("\n".join(os.path.relpath(p, common) for p in paths).encode("utf-8", "surrogateescape"))
+    rows = torch.linspace(0, n - 1, min(sample, n)).round().long().unique()
+    h.update(dataset.images_at(rows).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def run_identity(kind: str, name: str, config: dict, dataset) -> dict:
     """What a checkpoint belongs to: command kind, method/run name, config, dataset name and fingerprint,
-    image shape and fastdd version."""
+    image shape ``[C, H, W]`` and fastdd version."""
     from . import __version__
 
     return {"kind": kind, "name": name, "config": dict(config), "dataset": dataset.name,
-            "fingerprint": dataset_fingerprint(dataset), "image_shape": list(dataset.images.shape[1:]),
+            "fingerprint": dataset_fingerprint(dataset), "image_shape": [dataset.channels, *dataset.image_size],
             "fastdd_version": __version__}
 
 

@@ -46,9 +46,18 @@ class _RunBase:
     force: bool = False  # replace the run in --out (every file of the old run is removed first)
 
 
+@dataclasses.dataclass(kw_only=True)
+class _LazyOption:
+    """The ``--lazy`` option of the commands that read a training split (:func:`_load_data`)."""
+
+    lazy: str = dataclasses.field(default="auto", metadata={"help": "image folders: decode on demand (on), in "
+                                                                     "memory (off), or on above 2 GiB of pixels (auto)"})
+
+
 @dataclasses.dataclass
-class DistillRun(_RunBase):
-    """Run options of ``fastdd distill``."""
+class DistillRun(_RunBase, _LazyOption):
+    """Run options of ``fastdd distill`` (``--lazy``: only the SRe2L family reads a lazy training split; for
+    the other methods ``auto`` means in memory)."""
 
     method: str = "dm"  # the distillation method (see `fastdd show methods`)
     checkpoint_every: int = 100  # checkpoint every K iterations (0: only at the end)
@@ -83,14 +92,13 @@ class ContinualRun(_RunBase):
 
 
 @dataclasses.dataclass
-class EvaluateRun:
+class EvaluateRun(_LazyOption):
     """Run options of ``fastdd evaluate``."""
 
     dir: str = dataclasses.field(metadata={"help": "directory written by `fastdd distill`", "positional": True})
     baseline: bool = True  # also train on the same-size real subset
     data_path: Optional[str] = None  # directory holding the dataset
     device: str = default_device()  # cpu, cuda or cuda:N
-    lazy: str = "auto"  # image folders: decode on demand (on), in memory (off), or on above 2 GiB of pixels (auto)
 
 
 LAZY_CHOICES = {"auto": "auto", "on": True, "off": False}
@@ -164,10 +172,18 @@ def load_run_state(path: Path, identity: dict):
     return unwrap_state(load(path), identity, path)
 
 
-def _load_data(name: str, root, *splits):
+def _load_data(name: str, root, *splits, lazy: str = "off"):
+    """The ``splits`` of dataset ``name``; image folders per ``--lazy`` (``auto`` | ``on`` | ``off``:
+    :data:`LAZY_CHOICES`), array formats always in memory."""
     from .data import load_dataset
+    from .data.registry import FILE_TREES, canonical_name
 
-    return [user_errors("--dataset", load_dataset, name, split, root=root) for split in splits]
+    if lazy not in LAZY_CHOICES:
+        raise UsageError(f"--lazy: expected one of {', '.join(LAZY_CHOICES)}, got {lazy!r}")
+    mode = LAZY_CHOICES[lazy]
+    if mode is not False and user_errors("--dataset", canonical_name, name) not in FILE_TREES:
+        mode = False  # array formats are small and always in memory
+    return [user_errors("--dataset", load_dataset, name, split, root=root, lazy=mode) for split in splits]
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -255,15 +271,20 @@ def cmd_distill(args, method_cls) -> int:
         distributed.shutdown()
 
 
+def _distill_lazy(lazy: str, method_cls) -> str:
+    """``distill --lazy``: as given, except that ``auto`` reads in memory for a method that samples the real
+    set at every iteration (``needs_real_set``); ``on`` for such a method is the method's own clear error."""
+    return "off" if lazy == "auto" and getattr(method_cls, "needs_real_set", True) else lazy
+
+
 def _distill(args, method_cls, config, device, out: Path, ctx) -> int:
     from . import __version__, distributed
     from .checkpoint import load, run_identity, save_atomic, unwrap_state, wrap_state
     from .synset import remove_jpeg_folder, save_jpeg_folder, save_synset, synset_images
 
-    (train,) = _load_data(args.dataset, args.data_path, "train")
-    method = user_errors("", method_cls, config, train, device=device)
-    if ctx is not None:
-        method.shard(ctx.rank, ctx.world)
+    (train,) = _load_data(args.dataset, args.data_path, "train", lazy=_distill_lazy(args.lazy, method_cls))
+    shard = {} if ctx is None else {"shard": (ctx.rank, ctx.world)}  # a shard reads only its initial images
+    method = user_errors("", method_cls, config, train, device=device, **shard)
     identity = run_identity("distill", method_cls.name, config.to_dict(), train)
     ckpt_path = out / ("checkpoint.pt" if ctx is None else f"checkpoint.rank{ctx.rank}.pt")
     who = "" if ctx is None else f"rank {ctx.rank}/{ctx.world}: "
@@ -394,15 +415,7 @@ def _evaluate(args, given: dict, cfg, device, ctx) -> int:
 def _load_eval_data(name: str, root, lazy: str):
     """The train and test splits for ``evaluate``; image folders per ``--lazy`` (a lazy test split is
     streamed with ``--workers`` DataLoader workers, a lazy train split only feeds the baseline)."""
-    from .data import load_dataset
-    from .data.registry import FILE_TREES, canonical_name
-
-    if lazy not in LAZY_CHOICES:
-        raise UsageError(f"--lazy: expected one of {', '.join(LAZY_CHOICES)}, got {lazy!r}")
-    mode = LAZY_CHOICES[lazy]
-    if mode is not False and user_errors("--dataset", canonical_name, name) not in FILE_TREES:
-        mode = False  # array formats are small and always in memory
-    return [user_errors("--dataset", load_dataset, name, split, root=root, lazy=mode) for split in ("train", "test")]
+    return _load_data(name, root, "train", "test", lazy=lazy)
 
 
 def _check_store(store, syn, cfg, train, needs_teacher: bool) -> None:

@@ -3,7 +3,9 @@
 - :class:`RecoverJitter`: SRe2L/DWA's per-iteration augmentation of the synthetic batch (spec
   ``lowrank_dwa_theory.md`` §2.1): optionally a random-resized crop (scale (0.08, 1), ratio (3/4, 4/3),
   resized back to the input size, bilinear) and a horizontal flip with probability 0.5, then
-  ``torch.roll`` by (o1, o2) with o1, o2 uniform on {-J, ..., J}. As in the reference, where the
+  ``torch.roll`` by (o1, o2) with o1, o2 uniform on {-J, ..., J} (``offsets="symmetric"``: SRe2L's
+  recover_tiny.py, ``randint(-J, J)``) or on {0, ..., J} (``"nonnegative"``: the spec, SRe2L's ImageNet and
+  CIFAR recover and every DWA script, ``randint(0, J)``). As in the reference, where the
   torchvision transform sees the whole batched tensor, ONE crop, ONE flip and ONE roll are drawn per
   call and applied to every image of the batch.
 - :func:`random_crop_flip`: per-sample RandomCrop(size, padding) + horizontal flip (the squeeze and KD
@@ -59,6 +61,10 @@ def _fallback_crop_size(height: int, width: int, ratio) -> Tuple[int, int]:
     return height, width
 
 
+#: ranges of the recover roll offsets: {-J..J} or {0..J}
+ROLL_OFFSETS = ("symmetric", "nonnegative")
+
+
 @dataclass(frozen=True)
 class JitterDraw:
     """One draw of :class:`RecoverJitter`: crop box (or None), flip flag, roll offsets."""
@@ -71,19 +77,27 @@ class JitterDraw:
 @dataclass(frozen=True)
 class RecoverJitter:
     """SRe2L/DWA per-iteration jitter (module docstring). ``crop``: random-resized crop + flip;
-    ``jitter``: the roll bound J; ``min_scale``: the crop's smallest area fraction."""
+    ``jitter``: the roll bound J; ``min_scale``: the crop's smallest area fraction; ``offsets``: the roll
+    offsets' range, ``"symmetric"`` {-J..J} or ``"nonnegative"`` {0..J} (:data:`ROLL_OFFSETS`)."""
 
     crop: bool = False
     jitter: int = 4
     min_scale: float = 0.08
+    offsets: str = "symmetric"
+
+    def __post_init__(self) -> None:
+        if self.offsets not in ROLL_OFFSETS:
+            raise ValueError(f"offsets: expected one of {list(ROLL_OFFSETS)}, got {self.offsets!r}")
 
     def draw(self, size: Tuple[int, int], generator: torch.Generator) -> JitterDraw:
-        """The random parameters of one call on images of ``size = (H, W)``: crop box, flip, roll, in that order."""
+        """The random parameters of one call on images of ``size = (H, W)``: crop box, flip, then the two roll
+        offsets (rows, columns), each uniform on the ``offsets`` range, in that order."""
         box, flip = None, False
         if self.crop:
             box = rrc_box(size[0], size[1], generator, (self.min_scale, 1.0))
             flip = _uniform(generator) < 0.5
-        shifts = (_randint(generator, -self.jitter, self.jitter), _randint(generator, -self.jitter, self.jitter))
+        low = -self.jitter if self.offsets == "symmetric" else 0
+        shifts = (_randint(generator, low, self.jitter), _randint(generator, low, self.jitter))
         return JitterDraw(box, flip, shifts)
 
     @staticmethod

@@ -1,5 +1,10 @@
-"""Helpers shared by the method tests."""
+"""Helpers shared by the tests: the method-quality assertion, a generated ImageNet-layout tree of real
+image files, and a counter of the image folders' decodes."""
 from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
 
 
 def assert_beats_initial_subset(method, train, test, cfg, margin: float, test_size: int = 200) -> dict:
@@ -16,3 +21,55 @@ def assert_beats_initial_subset(method, train, test, cfg, margin: float, test_si
     print(result.summary())
     assert d["accuracy_mean"] >= d["random_baseline_mean"] + margin, d
     return d
+
+
+# ------------------------------------------------------------------------------------------------ image trees
+CLASSES = ("n01440764", "n01443537", "n01484850")
+SIZES = ((40, 30), (50, 64), (33, 47), (64, 50), (30, 40))  # (W, H) as Pillow counts
+
+
+def write_image(path: Path, rng: np.random.Generator, wh, mode: str = "RGB", fmt: str = "JPEG") -> None:
+    """Write a real image file of ``wh = (W, H)`` pixels at ``path`` (Pillow; RGB or L; JPEG quality 90 or PNG)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = wh
+    # a smooth gradient plus noise: real JPEG content (not a flat colour) that survives compression
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 3) % 256], -1)
+    arr = np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+    im = Image.fromarray(arr, "RGB")
+    if mode == "L":
+        im = im.convert("L")
+    im.save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+
+
+def make_tree(root: Path, per_class=(5, 5, 5), val_per_class=4, seed=0) -> Path:
+    """An ImageNet-layout tree of real JPEGs (plus one PNG, one grayscale JPEG, one nested folder)."""
+    rng = np.random.default_rng(seed)
+    for split, counts in (("train", per_class), ("val", (val_per_class,) * len(CLASSES))):
+        for c, (wnid, n) in enumerate(zip(CLASSES, counts)):
+            for i in range(n):
+                name = f"{wnid}_{i:04d}.JPEG" if i % 2 else f"{wnid}_{i:04d}.jpg"
+                sub = Path("extra") if (split == "train" and c == 1 and i == 3) else Path()
+                write_image(root / split / wnid / sub / name, rng, SIZES[(i + c) % len(SIZES)])
+    write_image(root / "train" / CLASSES[0] / "gray_0000.jpeg", rng, (44, 36), mode="L")
+    write_image(root / "train" / CLASSES[2] / "img_png.png", rng, (37, 29), fmt="PNG")
+    (root / "train" / CLASSES[0] / "README.txt").write_text("not an image")
+    return root
+
+
+def count_decoded_files(monkeypatch) -> list:
+    """Patch :mod:`fastdd.data.folder`'s Pillow decoder so that every decoded file's path is appended to the
+    returned list (the eager reader, ``LazyImageFolder`` with ``decoder="pil"`` and its threads alike)."""
+    from fastdd.data import folder as folder_mod
+
+    opened = []
+    real = folder_mod._decode_pil
+
+    def counting(path, *args):
+        opened.append(Path(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(folder_mod, "_decode_pil", counting)
+    return opened

@@ -111,8 +111,8 @@ def _fake_digits(tmp_path, name):
 
     real = data.load_dataset
 
-    def load(dataset, split, root=None):
-        ds = real(dataset, split, root=root)
+    def load(dataset, split, root=None, **kwargs):
+        ds = real(dataset, split, root=root, **kwargs)
         return dataclasses.replace(ds, images=ds.images.flip(-1).contiguous())
     return load
 

@@ -97,9 +97,49 @@ def test_jitter_draws_once_per_batch_from_the_generator():
     g = torch.Generator().manual_seed(1)
     shifts = [RecoverJitter(jitter=3).draw((12, 12), g).shifts for _ in range(400)]
     values = {s for pair in shifts for s in pair}
-    assert values == set(range(-3, 4))  # uniform on {-J..J}
+    assert values == set(range(-3, 4))  # uniform on {-J..J} (the class default, offsets="symmetric")
     plain = RecoverJitter(crop=False, jitter=0)
     assert torch.equal(plain(x, g), x)
+
+
+@pytest.mark.parametrize("offsets,low", [("symmetric", -3), ("nonnegative", 0)])
+def test_roll_offsets_cover_their_range_reproducibly(offsets, low):
+    """``symmetric``: o1, o2 uniform on {-J..J}; ``nonnegative``: on {0..J} (the spec's U{0..J}); the same
+    generator state gives the same offsets, and the roll applied is exactly ``torch.roll`` by them."""
+    jit = RecoverJitter(jitter=3, offsets=offsets)
+
+    def draws(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        return [jit.draw((12, 12), g).shifts for _ in range(400)], g
+
+    shifts, g = draws(1)
+    assert {s for pair in shifts for s in pair} == set(range(low, 4))
+    assert draws(1)[0] == shifts and draws(2)[0] != shifts
+    x = torch.arange(2 * 144.0).view(2, 1, 12, 12)
+    d = jit.draw((12, 12), g)
+    assert torch.equal(jit.apply(x, d), torch.roll(x, shifts=d.shifts, dims=(2, 3)))
+    with pytest.raises(ValueError, match="offsets"):
+        RecoverJitter(offsets="both")
+
+
+def test_roll_offsets_option_presets_flag_and_validation(toy_teacher):
+    from fastdd.cli import build_parser
+    from fastdd.cliflags import values_from_args
+
+    ds = toy_dataset()
+    for name in ("sre2l", "dwa"):
+        cls = get(name)
+        for preset in ("cifar", "tiny", "imagenet"):  # symmetric by default in every preset
+            m = cls(cls.config_cls(teacher=toy_teacher, preset=preset, ipc=1), ds)
+            assert m.config.roll_offsets == m.jitter.offsets == "symmetric", (name, preset)
+        m = cls(cls.config_cls(teacher=toy_teacher, ipc=1, roll_offsets="nonnegative"), ds)
+        assert m.jitter.offsets == "nonnegative"
+    cls = get("sre2l")
+    args = build_parser("sre2l").parse_args(["distill", "--dataset", "digits", "--out", "x", "--method", "sre2l",
+                                             "--roll-offsets", "symmetric"])
+    assert cls.config_cls(**values_from_args(cls.config_cls, args)).roll_offsets == "symmetric"
+    with pytest.raises(ValueError, match="roll_offsets"):
+        cls.config_cls(teacher=toy_teacher, roll_offsets="both").validate()
 
 
 # ------------------------------------------------------------------------------------------------ recover loop

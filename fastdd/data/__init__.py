@@ -12,7 +12,7 @@ Readers (IDX, CIFAR pickles, image folders, digits) live in their own modules; t
 dataset directories is documented in :mod:`fastdd.data.paths`, the statistics in :mod:`fastdd.data.stats`.
 """
 from .dataset import ImageDataset, normalize_pixels
-from .lazy import LazyImageFolder, make_loader
+from .lazy import LazyImageFolder, is_lazy, make_loader
 from .paths import DatasetNotFoundError, search_parents
 from .registry import canonical_name, dataset_names, load_dataset
 from .sampler import ClassSampler, stratified_subset
@@ -31,6 +31,7 @@ __all__ = [
     "dataset_names",
     "from_torch_dataset",
     "get_stats",
+    "is_lazy",
     "load_dataset",
     "make_loader",
     "normalize_pixels",

@@ -33,6 +33,11 @@ from .dataset import ImageDataset, _stats_view
 from .folder import check_resize, decode_image, image_size_of, resolve_decoder, run_threaded
 
 
+def is_lazy(dataset) -> bool:
+    """Whether ``dataset`` is read on demand (a :class:`LazyImageFolder`: no ``images`` tensor), not in memory."""
+    return getattr(dataset, "lazy", False) is True
+
+
 class LazyImageFolder(Dataset):
     """A labelled image split decoded on demand; ``ds[i]`` is ``(float32 [C, H, W], int label)``.
 

@@ -16,6 +16,14 @@ reference does. The saved set then stores the factors, not the images. Its whole
 :meth:`Method.state_dict` / :meth:`Method.load_state_dict`, so a run checkpointed at iteration k and
 resumed continues bit-for-bit like an uninterrupted one (on a deterministic device).
 
+Datasets: an in-memory :class:`~fastdd.data.ImageDataset` (moved to the device), or a
+:class:`~fastdd.data.LazyImageFolder` (an image folder decoded on demand, left on the CPU) for a method that
+reads real images only to initialise the set (:attr:`Method.needs_real_set` False: the SRe2L family). On a
+lazy dataset the real-image initialisation decodes exactly the drawn files (the same indices as in memory),
+the class-size checks use ``class_counts()`` and shapes come from ``(channels, *image_size)``; a method
+that samples the real set at every iteration (DM family, DC/DSA) refuses it with a ValueError saying to
+load it eagerly.
+
 Subclasses implement :meth:`Method.step` (one iteration, returns the loss) and register themselves
 with :func:`fastdd.methods.registry.register`.
 """
@@ -25,13 +33,13 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
 from ..allocator import reuse_freed_memory
 from ..augment import DSA, dsa_strategy_for
-from ..data import ClassSampler, ImageDataset
+from ..data import ClassSampler, ImageDataset, LazyImageFolder, is_lazy
 from ..models import get_model
 from ..plugins import config_classes, validate_plugins
 from ..validation import check_labels, check_positive_int, check_tensor
@@ -93,29 +101,22 @@ class Method:
 
     name: str = "base"
     config_cls = MethodConfig
+    #: whether :meth:`step` samples real images of every class at every iteration (DM family, DC/DSA); such a
+    #: method refuses a lazily read dataset. The SRe2L family reads real images only to initialise the set.
+    needs_real_set: bool = True
 
-    def __init__(self, config: MethodConfig, dataset: ImageDataset, device: torch.device | str = "cpu"):
+    def __init__(self, config: MethodConfig, dataset: Union[ImageDataset, LazyImageFolder],
+                 device: torch.device | str = "cpu"):
         config.validate()
-        check_tensor("dataset.images", dataset.images, ndim=4, finite=True, nonempty=True)
         self.config = config
         self.device = torch.device(device)
-        self.dataset = dataset.to(self.device)
+        self.lazy = is_lazy(dataset)
+        self.dataset = self._checked_dataset(dataset)
         self.num_classes = dataset.num_classes
-        counts = self.dataset.class_counts()
         self.images_per_class = self._images_per_class()
-        checks = [("batch_real", config.batch_real)]
-        if config.init == "real":
-            checks.insert(0, ("ipc" if config.rank == 0 else f"ipc (rank {config.rank}: {self.images_per_class} "
-                              f"images per class)", self.images_per_class))
-        for option, wanted in checks:
-            smallest = int(counts.min())
-            if wanted > smallest:
-                cls = int(counts.argmin())
-                raise ValueError(
-                    f"{option}={wanted} is larger than class {cls} of {dataset.name}, which has only "
-                    f"{smallest} images"
-                )
-        self.sampler = ClassSampler(self.dataset.images, self.dataset.labels, self.num_classes)
+        self._check_class_sizes(self.dataset.class_counts())
+        # in memory: the on-device sampler; lazy: the dataset draws the same indices from its labels alone
+        self.sampler = None if self.lazy else ClassSampler(self.dataset.images, self.dataset.labels, self.num_classes)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.iteration = 0
         self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.images_per_class)
@@ -131,6 +132,44 @@ class Method:
         self.addons = build_addons(self)
 
     # ----------------------------------------------------------------------------------- set-up
+    def _checked_dataset(self, dataset):
+        """``dataset`` ready for the run: an in-memory set checked (finite [N, C, H, W]) and moved to the
+        device; a lazy one (:class:`~fastdd.data.LazyImageFolder`, left on the CPU, decoded on demand) only
+        if this method does not sample the whole real set at every iteration (:attr:`needs_real_set`)."""
+        if not self.lazy:
+            check_tensor("dataset.images", dataset.images, ndim=4, finite=True, nonempty=True)
+            return dataset.to(self.device)
+        if self.needs_real_set:
+            raise ValueError(
+                f"{self.name}: samples real images of every class at every iteration, so it needs the training set "
+                f"in memory, but {dataset.name} {dataset.split} is read lazily (a LazyImageFolder of {len(dataset)} "
+                f"files); load it eagerly: `--lazy off` on the command line, load_dataset(..., lazy=False) in Python")
+        return dataset
+
+    def _check_class_sizes(self, counts: torch.Tensor) -> None:
+        """Refuse (ValueError) an empty class, and an ``ipc`` (real init) or ``batch_real`` larger than the
+        smallest class. ``counts``: images per class, int64 [K] (``dataset.class_counts()``: no pixels read)."""
+        cfg, name = self.config, self.dataset.name
+        counts = counts.tolist()
+        empty = [k for k, n in enumerate(counts) if n == 0]
+        if empty:
+            more = f" (and {len(empty) - 1} more: {empty[1:6]})" if len(empty) > 1 else ""
+            raise ValueError(f"labels: class {empty[0]} of {name} has no images{more}; every class needs at least one")
+        checks = [("batch_real", cfg.batch_real)]
+        if cfg.init == "real":
+            checks.insert(0, ("ipc" if cfg.rank == 0 else f"ipc (rank {cfg.rank}: {self.images_per_class} "
+                              f"images per class)", self.images_per_class))
+        smallest = min(counts)
+        for option, wanted in checks:
+            if wanted > smallest:
+                raise ValueError(f"{option}={wanted} is larger than class {counts.index(smallest)} of {name}, which "
+                                 f"has only {smallest} images")
+
+    def _set_shape(self) -> Tuple[int, int, int, int]:
+        """Shape of the synthetic set, ``(K*n, C, H, W)`` (from the dataset's metadata, no pixels read)."""
+        c, (h, w) = self.dataset.channels, self.dataset.image_size
+        return self.num_classes * self.images_per_class, c, h, w
+
     def _images_per_class(self) -> int:
         """Synthetic images per class: ``ipc``, or the low-rank plugin's count at the same storage."""
         cfg = self.config
@@ -143,13 +182,34 @@ class Method:
 
     def _initial_images(self) -> torch.Tensor:
         """Initial synthetic images [K*n, C, H, W]: real images (recording their indices) or N(0, 1) noise."""
-        cfg = self.config
-        if cfg.init == "real":
-            idx = self.sampler.sample_indices(self.images_per_class, self.generator)  # [K, n]
-            self.init_indices = idx.reshape(-1).clone()
-            return self.dataset.images[self.init_indices].clone()
-        shape = (self.num_classes * self.images_per_class, *self.dataset.images.shape[1:])
-        return torch.randn(shape, generator=self.generator, device=self.device)
+        if self.config.init == "real":
+            return self._initial_real_images()
+        return torch.randn(self._set_shape(), generator=self.generator, device=self.device)
+
+    def _initial_real_images(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Real-image initialisation: draws ``n`` distinct images of every class from the run's generator
+        (all K*n indices, class-major, kept in :attr:`init_indices` [K*n]) and returns them as [K*n, C, H, W].
+        ``rows`` (int64 [R], set rows): read only those images; the other rows are zero. A lazy dataset
+        decodes exactly the files read; the draw is the same either way (``LazyImageFolder.sample_indices``
+        equals ``ClassSampler.sample_indices`` on the same labels)."""
+        n = self.images_per_class
+        if self.lazy:
+            idx = self.dataset.sample_indices(n, self.generator).to(self.device)  # [K, n], no file opened
+        else:
+            idx = self.sampler.sample_indices(n, self.generator)  # [K, n]
+        self.init_indices = idx.reshape(-1).clone()
+        if rows is None:
+            return self._real_images(self.init_indices)
+        out = torch.zeros(self._set_shape(), device=self.device)
+        out[rows] = self._real_images(self.init_indices[rows])
+        return out
+
+    def _real_images(self, indices: torch.Tensor) -> torch.Tensor:
+        """The dataset's images at ``indices`` (int64 [m]) as a new tensor [m, C, H, W] on the device; a lazy
+        dataset decodes just those m files."""
+        if self.lazy:
+            return self.dataset.images_at(indices.cpu()).to(self.device)
+        return self.dataset.images[indices].clone()
 
     def _initial_parameterisation(self) -> torch.nn.Module:
         """The module holding the learnable synthetic set: :class:`PixelImages`, or

@@ -26,11 +26,13 @@ their class batches, in order), so ``accumulate`` chains exactly the same pertur
 Presets (the spec's table): ``cifar`` (1000 iterations, batch 100, lr 0.25, r_bn 0.01, r_var 11, roll J=4
 only, rho 0.015, K 12), ``tiny`` (2000, batch 200, lr 0.1, r_var 11, RRC + flip + roll J=4, K 12),
 ``imagenet`` (2000, batch 100, lr 0.25, r_var 2, RRC + flip + roll J=32, K 15). First-BN multiplier 10.
+Roll offsets in {-J..J} by default; every DWA script draws {0..J} (``--roll-offsets nonnegative``; see
+:mod:`fastdd.methods.recover` for why the default differs).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -99,8 +101,8 @@ class DWA(RecoverMethod):
 
     config_cls = DWAConfig
 
-    def __init__(self, config: DWAConfig, dataset, device="cpu"):
-        super().__init__(config, dataset, device)
+    def __init__(self, config: DWAConfig, dataset, device="cpu", shard: Optional[Tuple[int, int]] = None):
+        super().__init__(config, dataset, device, shard=shard)
         self.trained = [p.detach().clone() for p in self.teacher.parameters()]
 
     def _restore_teacher(self) -> None:

@@ -4,7 +4,9 @@ The loop is :class:`fastdd.methods.recover.RecoverMethod`. Presets (spec ``lowra
 the release scripts): ``cifar`` (recover_cifar.sh: roll J=4 only, batch 100, lr 0.25, 1000 iterations,
 r_bn 0.01), ``tiny`` (recover_tiny.sh: batch 100, lr 0.1, r_bn 1, 4000 iterations; the crop + flip + roll
 J=4 of the Tiny scripts), ``imagenet`` (recover.sh: RRC(0.08-1) + flip + roll J=32, batch 100, lr 0.25,
-4000 iterations, r_bn 0.01). First-BN multiplier 10 and r_var 1 everywhere.
+4000 iterations, r_bn 0.01). First-BN multiplier 10 and r_var 1 everywhere. Roll offsets in {-J..J} by
+default (``roll_offsets``; recover_tiny.py's range, while recover.sh / recover_cifar.sh draw {0..J}: see
+:mod:`fastdd.methods.recover`).
 """
 from __future__ import annotations
 
