@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -45,8 +46,10 @@ _lock = threading.Lock()
 _depth = 0
 
 
+@functools.cache
 def _glibc() -> Optional[ctypes.CDLL]:
-    """The C library if it is glibc on Linux (it has ``mallopt`` and ``malloc_trim``), else None."""
+    """The C library if it is glibc on Linux (it has ``mallopt`` and ``malloc_trim``), else None; looked up
+    once (``platform.libc_ver`` reads the interpreter's binary)."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
     try:
