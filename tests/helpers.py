@@ -73,3 +73,21 @@ def count_decoded_files(monkeypatch) -> list:
 
     monkeypatch.setattr(folder_mod, "_decode_pil", counting)
     return opened
+
+
+def make_kd_set_dir(root: Path, train, per_class: int) -> Path:
+    """``root``/teacher (a ConvNetBN teacher squeezed 1 epoch on ``train``) and ``root``/set (a
+    `fastdd distill`-style SRe2L directory of the first ``per_class`` real images of each class, naming that
+    teacher); returns ``root``."""
+    import torch
+
+    from fastdd.squeeze import SqueezeConfig, squeeze
+    from fastdd.synset import save_synset
+
+    squeeze(train, SqueezeConfig(model="ConvNetBN", epochs=1, batch_size=64, lr=0.01), root / "teacher",
+            progress=False)
+    idx = torch.cat([torch.nonzero(train.labels == c).flatten()[:per_class] for c in range(train.num_classes)])
+    save_synset(root / "set", {"images": train.images[idx], "labels": train.labels[idx]},
+                {"ipc": per_class, "model": "ConvNetW32", "teacher": str(root / "teacher")},
+                {"dataset": train.name, "method": "sre2l", "mean": list(train.mean), "std": list(train.std)})
+    return root

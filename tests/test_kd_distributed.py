@@ -29,6 +29,7 @@ from pathlib import Path
 import kd_ddp_worker as worker
 import pytest
 import torch
+from helpers import make_kd_set_dir
 
 from fastdd.cli import main
 
@@ -142,18 +143,7 @@ def test_ddp_outside_a_process_group_is_a_clear_error():
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory, digits_train):
     """A `fastdd distill`-style directory with 3 real digits per class and a ConvNetBN teacher (1 epoch)."""
-    from fastdd.squeeze import SqueezeConfig, squeeze
-    from fastdd.synset import save_synset
-
-    root = tmp_path_factory.mktemp("kd-ddp-cli")
-    squeeze(digits_train, SqueezeConfig(model="ConvNetBN", epochs=1, batch_size=64, lr=0.01), root / "teacher",
-            progress=False)
-    idx = torch.cat([torch.nonzero(digits_train.labels == c).flatten()[:3] for c in range(10)])
-    save_synset(root / "set", {"images": digits_train.images[idx], "labels": digits_train.labels[idx]},
-                {"ipc": 3, "model": "ConvNetW32", "teacher": str(root / "teacher")},
-                {"dataset": "digits", "method": "sre2l", "mean": list(digits_train.mean),
-                 "std": list(digits_train.std)})
-    return root
+    return make_kd_set_dir(tmp_path_factory.mktemp("kd-ddp-cli"), digits_train, 3)
 
 
 EVAL_FLAGS = ["--protocol", "kd", "--epochs", "3", "--batch-size", "7", "--models", "2", "--device", "cpu",

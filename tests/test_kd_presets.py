@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_kd_set_dir
 
 from fastdd.crops import random_resized_crop_flip, rrc_boxes
 from fastdd.evaluate import KD_PRESETS, EvalConfig, kd_preset_for, protocol_config
@@ -156,18 +157,7 @@ def test_kd_optimizer_sgd_decays_every_tensor_and_adamw_only_matrices():
 @pytest.fixture(scope="module")
 def digits_set(tmp_path_factory, digits_train):
     """A `fastdd distill`-style directory: 2 real digits per class and a ConvNetBN teacher squeezed 1 epoch."""
-    from fastdd.squeeze import SqueezeConfig, squeeze
-    from fastdd.synset import save_synset
-
-    root = tmp_path_factory.mktemp("kdset")
-    squeeze(digits_train, SqueezeConfig(model="ConvNetBN", epochs=1, batch_size=64, lr=0.01), root / "teacher",
-            progress=False)
-    idx = torch.cat([torch.nonzero(digits_train.labels == c).flatten()[:2] for c in range(10)])
-    save_synset(root / "set", {"images": digits_train.images[idx], "labels": digits_train.labels[idx]},
-                {"ipc": 2, "model": "ConvNetW32", "teacher": str(root / "teacher")},
-                {"dataset": "digits", "method": "sre2l", "mean": list(digits_train.mean),
-                 "std": list(digits_train.std)})
-    return root / "set"
+    return make_kd_set_dir(tmp_path_factory.mktemp("kdset"), digits_train, 2) / "set"
 
 
 def test_cli_kd_preset_flag_and_overrides(digits_set, capsys):
