@@ -68,6 +68,7 @@ def main(teacher: str, store_dir: str, path: str) -> None:
         result = run(teacher, store_dir, ddp=True)
         if ctx.rank == 0:
             torch.save(result, path)
+        distributed.barrier()  # every rank done with its collectives before any leaves the group
     finally:
         distributed.shutdown()
 
