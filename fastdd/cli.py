@@ -352,7 +352,9 @@ def cmd_evaluate(args, _method_cls=None) -> int:
     device = check_device(str(ctx.device(device)))
     distributed.init(ctx, device)
     try:
-        return _evaluate(args, given, cfg, device, ctx)
+        code = _evaluate(args, given, cfg, device, ctx)
+        distributed.barrier()  # every rank done with its collectives before any leaves the group
+        return code
     finally:
         distributed.shutdown()
 
