@@ -2,7 +2,7 @@
 
 glibc serves every allocation above its mmap threshold (128 KiB, rising to at most 32 MiB) with a fresh
 ``mmap`` and unmaps it on free. A ConvNet forward on a CPU allocates activations of tens of MiB on every
-call (128 images x 128 channels x 28 x 28 fp32 = 51 MiB for the first layer), so every call pays a
+call (128 images x 128 channels x 28 x 28 fp32 = 49 MiB for the first layer), so every call pays a
 minor page fault and the kernel's zeroing for each 4 KiB page it touches: measured on a 2-core AMD EPYC,
 the 1->128-channel first convolution of a 128-image batch took 66 ms with glibc's defaults and 10 ms
 with the blocks kept (README, "Where the time goes"). The same faults are the ``sys`` time the
@@ -10,7 +10,7 @@ with the blocks kept (README, "Where the time goes"). The same faults are the ``
 
 :func:`reuse_freed_memory` switches glibc to serving every allocation from its heap (``M_MMAP_MAX = 0``)
 and to never trimming the heap (``M_TRIM_THRESHOLD`` = 2 GiB) for the duration of a ``with`` block, so a
-freed activation's pages are reused by the next one; on exit it restores glibc's default limits and
+freed activation's pages are reused by the next one; on exit it restores glibc's steady-state limits and
 returns the free heap to the kernel (``malloc_trim``). The library's long loops run inside it:
 :meth:`fastdd.methods.base.Method.fit` (every ``fastdd distill``), :func:`fastdd.evaluate.evaluate_synset` and
 the ``train_stacked*`` trainers, :func:`fastdd.squeeze.squeeze` and :func:`fastdd.relabel.relabel_set`. The switch is the environment variable
