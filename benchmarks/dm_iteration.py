@@ -29,17 +29,15 @@ import argparse
 import os
 import statistics
 import sys
-import time
-from typing import Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import append_rows, check_device, default_device, environment, peak_memory, read_rows, sync  # noqa: E402
+from _harness import append_rows, check_device, default_device, environment, read_rows  # noqa: E402
 from _machine import machine_lines  # noqa: E402
+from _providers import ProcessProvider, in_fit, interleaved  # noqa: E402
 from _reference_loop import make_ref_dm_iteration  # noqa: E402
 
-from fastdd.allocator import reuse_freed_memory  # noqa: E402
 from fastdd.data import ImageDataset  # noqa: E402
 from fastdd.methods.dm import DM, DMConfig  # noqa: E402
 
@@ -76,95 +74,16 @@ def make_provider(name: str, ds: ImageDataset, ipc: int, batch_real: int, device
     return in_fit(method.step)
 
 
-def in_fit(step):
-    """``step`` run as ``Method.fit`` runs it: with freed large blocks kept for reuse
-    (:func:`fastdd.allocator.reuse_freed_memory`), the heap kept between calls."""
-    def run():
-        with reuse_freed_memory(release=False):
-            return step()
-    return run
-
-
-def _worker(conn, name: str, shape: str, ipc: int, batch_real: int, device: str, compile_mode: str,
-            threads: int) -> None:
-    """Serve one provider in this process: ``"call"`` runs an iteration, ``"peak"`` measures one's peak
-    memory, ``"stop"`` ends; every reply is ``(ok, value)``."""
-    torch.set_num_threads(threads)
-    try:
-        ds = random_dataset(shape, 10, max(300, batch_real), device)
-        fn = make_provider(name, ds, ipc, batch_real, device, compile_mode)
-        conn.send((True, None))
-        while True:
-            cmd = conn.recv()
-            if cmd == "stop":
-                break
-            if cmd == "call":
-                fn()
-                sync(device)
-                conn.send((True, None))
-            elif cmd == "peak":
-                conn.send((True, peak_memory(fn, device)))
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
-        import traceback
-
-        conn.send((False, f"{name}: {exc!r}\n{traceback.format_exc()}"))
-
-
-class ProcessProvider:
-    """A provider living in its own process, so that each has the allocator state its own program would
-    have: fastdd keeps freed blocks on glibc's heap (:mod:`fastdd.allocator`), which, in a shared process,
-    would also speed up the reference's allocations. Calling it runs one iteration there and blocks."""
-
-    def __init__(self, name: str, *args):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.name, (self.conn, child) = name, ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, name, *args, torch.get_num_threads()), daemon=True)
-        self.proc.start()
-        self._reply()
-
-    def _reply(self):
-        ok, value = self.conn.recv()
-        if not ok:
-            raise RuntimeError(f"benchmark worker failed: {value}")
-        return value
-
-    def __call__(self) -> None:
-        self.conn.send("call")
-        self._reply()
-
-    def peak_memory(self) -> tuple:
-        self.conn.send("peak")
-        return self._reply()
-
-    def close(self) -> None:
-        self.conn.send("stop")
-        self.proc.join(timeout=60)
+def build_provider(name: str, shape: str, ipc: int, batch_real: int, device: str, compile_mode: str):
+    """Provider ``name`` on random data of ``shape`` (the :class:`ProcessProvider` factory)."""
+    ds = random_dataset(shape, 10, max(300, batch_real), device)
+    return make_provider(name, ds, ipc, batch_real, device, compile_mode)
 
 
 def providers(shape: str, ipc: int, batch_real: int, device, compile_mode: str) -> dict:
     """name -> :class:`ProcessProvider` for every provider."""
-    return {name: ProcessProvider(name, shape, ipc, batch_real, str(device), compile_mode) for name in PROVIDERS}
-
-
-def interleaved(calls: dict, device, repeats: int, warmup: int = 2, outputs: Optional[dict] = None) -> dict:
-    """Times (ms) of every call, taken in turn (A, B, C, A, B, C, ...) after ``warmup`` rounds; with
-    ``outputs`` ({name: list}), each timed call's return value is appended to its list."""
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-    sync(device)
-    times = {k: [] for k in calls}
-    for _ in range(repeats):
-        for k, fn in calls.items():
-            t0 = time.perf_counter()
-            out = fn()
-            sync(device)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-            if outputs is not None:
-                outputs[k].append(out)
-    return times
+    return {name: ProcessProvider(build_provider, (name, shape, ipc, batch_real, str(device), compile_mode), device)
+            for name in PROVIDERS}
 
 
 def quantile(xs, q):

@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import check_device, default_device, environment, peak_memory  # noqa: E402
+from _providers import interleaved  # noqa: E402
 from _reference_loop import ref_evaluate  # noqa: E402
-from dm_iteration import RESULTS, interleaved, quantile, save_results, summarise  # noqa: E402
+from dm_iteration import RESULTS, quantile, save_results, summarise  # noqa: E402
 
 from fastdd.data import ClassSampler, DatasetNotFoundError, load_dataset  # noqa: E402
 from fastdd.evaluate import EvalConfig, evaluate_synset  # noqa: E402

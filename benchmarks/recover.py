@@ -1,30 +1,58 @@
-"""One SRe2L recover iteration (teacher forward + backward to the pixels, CE + BN statistics) with the fused
-BN statistics (:class:`fastdd.matchers.BNStatisticsLoss`: a pre-hook keeps a reference to each BN input,
-the fused ``bn_stat_loss`` op reduces it) against a faithful re-implementation of the reference's hook
-(per BN layer: ``permute(1, 0, 2, 3).contiguous().view(C, -1).var(1, unbiased=False)`` plus the mean),
-interleaved, median over runs, ratio hook / fused in one run.
+"""One SRe2L recover iteration: the reference's structure with its BN hook (A) vs what ``fastdd distill --method sre2l`` runs (B).
 
-    python benchmarks/recover.py --side 32 --batch 100 --runs 10        # CPU: small side
+Every provider runs a whole iteration on a batch of ``--batch`` images (one per class) against a frozen
+TVResNet18S teacher (1000 classes, small-image stem) at ``--side``: the jitter (random roll by up to 4
+pixels and a flip, one draw for the batch: the cifar preset), the teacher forward, CE + 0.01 x the BN
+term (first-layer multiplier 10), backward to the pixels, one Adam step (betas 0.5 / 0.9) and the
+per-channel clamp:
+
+* ``reference-hook`` (A): the reference's structure (SRe2L ``recover_cifar.py``): a forward hook per BN
+  layer computing ``permute(1, 0, 2, 3).contiguous().view(C, -1).var(1, unbiased=False)`` plus the
+  mean, eager, glibc's default allocator;
+* ``reference-fused``: A with the hook replaced by :class:`fastdd.matchers.BNStatisticsLoss` (a pre-hook
+  keeping a reference to each BN input, the fused ``bn_stat_loss`` op): isolates the BN statistics;
+* ``fastdd`` (B): ``fastdd.methods.sre2l.SRe2L.step`` with the config ``fastdd distill`` uses
+  (``compile="auto"``, which compiles the teacher loss at 1000 steps per unit), inside
+  :func:`fastdd.allocator.reuse_freed_memory` as ``Method.fit`` runs it;
+* ``fastdd-eager``: B with ``compile="off"``.
+
+The teacher has random weights and default running statistics (the time does not depend on them).
+Each provider lives in its own spawned process (its own allocator state; :mod:`_providers`); they are
+timed interleaved after warm-up (which includes compilation): median, p20-p80, ratio A / provider, peak
+memory. Results are appended to ``benchmarks/results/recover.csv`` and ``recover.md`` is regenerated.
+
+    python benchmarks/recover.py                                        # CPU: 32 x 32, batch 100
     python benchmarks/recover.py --device cuda --side 224 --batch 100   # GPU (not run yet)
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import random
 import sys
-import time
-from pathlib import Path
+import tempfile
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import check_device, default_device, environment  # noqa: E402
+from _providers import ProcessProvider, in_fit, interleaved  # noqa: E402
+from dm_iteration import RESULTS, save_results, summarise  # noqa: E402
 
-from _machine import machine_lines  # noqa: E402
-
+from fastdd.data import ImageDataset  # noqa: E402
 from fastdd.matchers import BNStatisticsLoss  # noqa: E402
+from fastdd.methods import get  # noqa: E402
 from fastdd.models import get_model  # noqa: E402
+
+PROVIDERS = ("reference-hook", "reference-fused", "fastdd", "fastdd-eager")
+MODEL, CLASSES, MEAN, STD = "TVResNet18S", 1000, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+REPORT = ("One SRe2L recover iteration: reference structure with the BN hook (A) vs fastdd (B)",
+          "Whole iteration (jitter, TVResNet18S teacher forward, CE + BN term, backward to the pixels, Adam step, "
+          "clamp), providers interleaved in time, each in its own process. Produced by `python benchmarks/recover.py`. "
+          "The `shape` column is the image side, `ipc` the batch, `batch_real` the threads. A/B > 1: faster than "
+          "the reference.")
 
 
 class HookBNLoss:
@@ -50,47 +78,96 @@ class HookBNLoss:
         return out
 
 
-def main() -> None:
+def frozen_teacher(side: int, device) -> nn.Module:
+    net = get_model(MODEL, 3, CLASSES, (side, side), generator=torch.Generator().manual_seed(0))
+    net = net.to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def reference_iteration(side: int, batch: int, device: str, bn: str):
+    """A (``bn="hook"``) or A with the fused BN loss (``bn="fused"``): the reference's loop body."""
+    net = frozen_teacher(side, device)
+    reg = HookBNLoss(net) if bn == "hook" else BNStatisticsLoss(net, 10.0, 1.0)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, 3, side, side, generator=g, device=device).requires_grad_(True)
+    y = torch.arange(batch, device=device) % CLASSES
+    opt = torch.optim.Adam([x], lr=0.25, betas=(0.5, 0.9), eps=1e-8)
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (MEAN, STD))
+    rng = random.Random(0)
+
+    def run():
+        off1, off2 = rng.randint(-4, 4), rng.randint(-4, 4)
+        view = torch.roll(x, shifts=(off1, off2), dims=(2, 3))
+        if rng.random() < 0.5:
+            view = torch.flip(view, dims=(3,))
+        opt.zero_grad()
+        loss = F.cross_entropy(net(view), y) + 0.01 * reg.loss()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # clip to the normalised image range, per channel
+            x.data = torch.max(torch.min(x.data, (1 - mean) / std), -mean / std)
+        return None
+    return run
+
+
+def fastdd_iteration(side: int, batch: int, device: str, compile_mode: str):
+    """B: one ``SRe2L.step`` (1000 classes, IPC 1, ``batch`` classes per unit, 1000 steps per unit)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="fastdd-bench-teacher-"), "teacher.pth")
+    torch.save(frozen_teacher(side, "cpu").state_dict(), path)
+    g = torch.Generator().manual_seed(0)
+    ds = ImageDataset("bench", "train", torch.rand(CLASSES, 3, side, side, generator=g), torch.arange(CLASSES),
+                      CLASSES, mean=MEAN, std=STD)
+    cls = get("sre2l")
+    m = cls(cls.config_cls(teacher=f"resnet18s:{path}", preset="cifar", ipc=1, batch_classes=batch,
+                           iterations=1000, compile=compile_mode, seed=0), ds, device=device)
+
+    def step():
+        m.step()
+        m.iteration += 1
+    return in_fit(step)
+
+
+def build_provider(name: str, side: int, batch: int, device: str, compile_mode: str):
+    """Provider ``name`` (the :class:`ProcessProvider` factory)."""
+    if name.startswith("reference-"):
+        return reference_iteration(side, batch, device, name.split("-", 1)[1])
+    return fastdd_iteration(side, batch, device, compile_mode if name == "fastdd" else "off")
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default=default_device())
     ap.add_argument("--side", type=int, default=32)
     ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--model", default="TVResNet18S")
-    args = ap.parse_args()
-    dev = torch.device(args.device)
-    nets, losses = [], []
-    for kind in ("fused", "hook"):
-        net = get_model(args.model, 3, 1000, (args.side, args.side), generator=torch.Generator().manual_seed(0))
-        net = net.to(dev).eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
-        nets.append(net)
-        losses.append(BNStatisticsLoss(net) if kind == "fused" else HookBNLoss(net))
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(args.batch, 3, args.side, args.side, generator=g, device=dev).requires_grad_(True)
-    y = torch.arange(args.batch, device=dev) % 1000
-
-    def iteration(i):
-        x.grad = None
-        loss = F.cross_entropy(nets[i](x), y) + 0.01 * losses[i].loss()
-        loss.backward()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    times = ([], [])
-    for i in (0, 1):  # warm-up
-        iteration(i)
-    for _ in range(args.runs):
-        for i in (0, 1):
-            t = time.perf_counter()
-            iteration(i)
-            times[i].append(time.perf_counter() - t)
-    fused, hook = (statistics.median(t) * 1e3 for t in times)
-    print(f"recover iteration, {args.model}, batch {args.batch}, {args.side}x{args.side}, {dev}, "
-          f"{torch.get_num_threads()} threads: fused {fused:.1f} ms, hook {hook:.1f} ms, hook / fused {hook / fused:.2f}x")
-    print("\n".join(machine_lines(dev)))
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7 cpu / 30 cuda)")
+    ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="provider fastdd's setting")
+    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--no-save", action="store_true")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    check_device(device)
+    if "reference-hook" not in a.providers:
+        raise SystemExit("--providers: reference-hook (the baseline of the ratios) is required")
+    repeats = a.repeats or (30 if device.type == "cuda" else 7)
+    calls = {name: ProcessProvider(build_provider, (name, a.side, a.batch, str(device), a.compile), device)
+             for name in a.providers}
+    times = interleaved(calls, device, repeats)
+    mems = {k: fn.peak_memory() for k, fn in calls.items()}
+    for fn in calls.values():
+        fn.close()
+    rows = summarise("recover", {"shape": str(a.side), "ipc": str(a.batch), "batch_real": str(torch.get_num_threads())},
+                     times, mems, environment(device), baseline="reference-hook")
+    for r in rows:
+        print(f"{MODEL} {a.side}x{a.side} batch {a.batch} {r['provider']:16s} median {r['median_ms']:9.1f} ms "
+              f"(p20-p80 {r['p20_ms']}-{r['p80_ms']})  A/B {r['ratio_a_over_b']:.2f}x  peak {r['peak_mem_mb']} MiB",
+              flush=True)
+    if not a.no_save:
+        save_results(a.out, "recover", rows, *REPORT, device)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -182,6 +182,34 @@ def test_recover_loss_decreases_over_a_unit(toy_teacher):
     assert sum(losses[-5:]) < 0.9 * sum(losses[:5])
 
 
+@pytest.mark.parametrize("name", ["sre2l", "dwa"])
+def test_compiled_teacher_loss_matches_eager(name, toy_teacher):
+    """``compile="on"``: the teacher loss runs through torch.compile (fullgraph) and gives the eager run's
+    losses and images up to fp32 rounding, DWA's perturbed teacher included (its parameters are graph inputs)."""
+    ds = toy_dataset()
+    cls = get(name)
+    extra = dict(rho=0.5, perturb_steps=2) if name == "dwa" else {}
+    runs = {}
+    for mode in ("off", "on"):
+        m = cls(cls.config_cls(teacher=toy_teacher, ipc=2, iterations=3, batch_classes=2, seed=4, compile=mode,
+                               **extra), ds)
+        assert m._teacher_loss.enabled == (mode == "on")
+        losses = []
+        for _ in range(m.total_steps):
+            losses.append(m.step())
+            m.iteration += 1
+        runs[mode] = (torch.tensor(losses), m.synthetic_set()["images"])
+        assert m._teacher_loss.enabled == (mode == "on")  # no fallback to eager happened
+    torch.testing.assert_close(runs["on"][0], runs["off"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs["on"][1], runs["off"][1], rtol=1e-3, atol=1e-3)
+
+
+def test_compile_option_is_checked(toy_teacher):
+    cls = get("sre2l")
+    with pytest.raises(ValueError, match="compile"):
+        cls(cls.config_cls(teacher=toy_teacher, ipc=1, iterations=1, compile="yes"), toy_dataset())
+
+
 # ------------------------------------------------------------------------------------------------ DWA
 def tiny_bn_classifier(channels=3, classes=4) -> nn.Module:
     g = torch.Generator().manual_seed(0)

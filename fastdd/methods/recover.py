@@ -60,6 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..compile import Compiled, check_compile_mode, should_compile
 from ..crops import ROLL_OFFSETS, RecoverJitter
 from ..matchers import BNStatisticsLoss
 from ..teacher import load_teacher
@@ -88,6 +89,7 @@ class RecoverConfig(MethodConfig):
     adam_beta2: float = 0.9
     batch_real: int = 1  # unused by the SRe2L family (kept for the shared options)
     init: str = "noise"  # "noise": N(0, 1) in normalised space; "real": random real images
+    compile: str = "auto"  # torch.compile of the teacher loss (forward, CE, BN term): auto | on | off (fastdd.compile)
 
     #: preset name -> values of the ``None`` fields (set by each method's config class)
     presets: ClassVar[Dict[str, dict]] = {}
@@ -115,6 +117,7 @@ class RecoverConfig(MethodConfig):
             raise ValueError(f"roll_offsets: expected one of {list(ROLL_OFFSETS)}, got {self.roll_offsets!r}")
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"min_scale: must lie in (0, 1], got {self.min_scale}")
+        check_compile_mode(self.compile)
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: must lie in [0, 1), got {getattr(self, name)}")
@@ -176,6 +179,9 @@ class RecoverMethod(Method):
         self.teacher, self.teacher_info = load_teacher(config.teacher, ds.channels, ds.num_classes, ds.image_size,
                                                        self.device)
         self.bn_loss = BNStatisticsLoss(self.teacher, config.first_bn_multiplier, config.r_var)
+        # decided from the whole run's step count, so that every torchrun shard makes the same choice
+        compiled = should_compile(config.compile, self.device, calls=self.units * config.iterations)
+        self._teacher_loss = Compiled(self.teacher_loss, compiled, name=f"{type(self.teacher).__name__} recover loss")
         self.jitter = RecoverJitter(crop=config.crop, jitter=config.jitter, min_scale=config.min_scale,
                                     offsets=config.roll_offsets)
         self.rank, self.world = 0, 1
@@ -266,13 +272,19 @@ class RecoverMethod(Method):
         self.adam = torch.optim.Adam([self.work], lr=cfg.lr_img, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8)
         self.unit_gen = unit_generator(cfg.seed, unit, "synthesis", self.device)
 
-    def recover_loss(self, x: torch.Tensor, labels: torch.Tensor):
-        """(total loss, CE, BN term) of images x [B, C, H, W] with labels [B], one jitter draw."""
-        draw = self.jitter.draw(tuple(x.shape[-2:]), self.unit_gen)
-        logits = self.teacher(self.jitter.apply(x, draw))
+    def teacher_loss(self, view: torch.Tensor, labels: torch.Tensor):
+        """(total loss, CE, BN term) of the jittered view [B, C, H, W] with labels [B]: no random draw and no
+        host sync, so it compiles with ``torch.compile(fullgraph=True)`` (the ``compile`` option)."""
+        logits = self.teacher(view)
         ce = F.cross_entropy(logits, labels)
         bn = self.bn_loss.loss()
         return ce + self.config.r_bn * bn, ce, bn
+
+    def recover_loss(self, x: torch.Tensor, labels: torch.Tensor):
+        """(total loss, CE, BN term) of images x [B, C, H, W] with labels [B], one jitter draw; the teacher
+        part runs compiled when the run compiles (:meth:`teacher_loss`)."""
+        draw = self.jitter.draw(tuple(x.shape[-2:]), self.unit_gen)
+        return self._teacher_loss(self.jitter.apply(x, draw), labels)
 
     def step(self) -> float:
         cfg = self.config
