@@ -12,14 +12,16 @@ Per outer iteration:
    (``lr_net``, batch ``batch_train``, DSA per sample) on the detached current set.
 
 The per-class gradients come from ``torch.func.vmap(grad(...))`` over a ``[K, n, C, H, W]`` view
-(one call per side) whenever the network treats samples independently (instance / group / no norm);
-with batch norm, or ``batched_grads=False``, the reference's per-class loop
+(one call per side) when ``batched_grads`` is on and the network treats samples independently
+(instance / group / no norm); with batch norm, or ``batched_grads=False``, the reference's per-class loop
 (:func:`per_class_gradients_loop`) is used. Both give the same values (tests, float64).
+``batched_grads=None`` (default) batches on CUDA only: on CPUs the vmapped gradients measured 0.50-0.57x
+the speed of the loop (``benchmarks/results/dc_iteration.md``, 2-core AMD EPYC, IPC 1, both shapes).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +57,7 @@ class DCConfig(MethodConfig):
     outer_loop: int = 0  # 0: from get_loops(ipc) (the ORIGINAL ipc, also under --rank)
     inner_loop: int = -1  # -1: from get_loops(ipc)
     dis_metric: str = "ours"  # gradient distance: "ours" | "mse" | "cos"
-    batched_grads: bool = True  # vmap the per-class gradients (falls back to the loop with batch norm)
+    batched_grads: Optional[bool] = None  # vmap the per-class gradients (None: on CUDA only; loop with batch norm)
 
     def validate(self) -> None:
         super().validate()
@@ -131,7 +133,8 @@ class DC(Method):
         self.outer_loop, self.inner_loop = config.loops()
         self.net = self._network()
         self.dsa = self._augmentation()
-        self.batched = config.batched_grads and not has_batchnorm(self.net)
+        batched = self.device.type == "cuda" if config.batched_grads is None else config.batched_grads
+        self.batched = batched and not has_batchnorm(self.net)
 
     def gradients(self, x, y, create_graph):
         """Per-class gradients ``[K, *p.shape]`` per parameter (batched or the per-class loop)."""
