@@ -157,3 +157,86 @@ def run_method(method_name: str, published: dict, results_name: str, title: str,
                 ["dataset", "IPC", "iterations", "eval epochs", "models", f"fastdd {method_name}",
                  "initial real subset", "published", "distill s", "eval s", "protocol"], rows)
     return 0
+
+
+def recover_parser(doc: str, method_name: str) -> argparse.ArgumentParser:
+    """Parser of the SRe2L-family scripts (:func:`recover_main`)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--dataset", default="cifar100",
+                   help="cifar100 | tiny-imagenet | imagefolder (ImageNet-1K: --data-path DIR with train/ and val/)")
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--test-split", default=None, help="image folders: the evaluation sub-folder (default val)")
+    p.add_argument("--image-size", type=int, default=None, help="image folders: resize to this side (ImageNet: 224)")
+    p.add_argument("--ipc", type=int, nargs="+", default=[10, 50])
+    p.add_argument("--teacher", default=None, help="squeeze DIR or resnet18:PATH (required unless --smoke)")
+    p.add_argument("--iterations", type=int, default=None, help="steps per unit (default: the dataset preset's)")
+    p.add_argument("--student", default="TVResNet18S", help="KD student (ImageNet: TVResNet18)")
+    p.add_argument("--epochs", type=int, default=None, help="KD epochs (default: the KD preset's)")
+    p.add_argument("--models", type=int, default=3, help="students per side")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=f"runs/reproduce_{method_name}")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--smoke", action="store_true", help="trivial CPU run on digits with a 1-epoch teacher; "
+                                                        "nothing is appended")
+    return p
+
+
+def recover_main(method_name: str, published: dict, title: str, doc: str, argv=None) -> int:
+    """``main`` of ``reproduce_sre2l.py`` / ``reproduce_dwa.py``: recover a set per ``--ipc`` against the
+    teacher (the dataset preset's hyper-parameters), evaluate it with the KD protocol (the dataset's KD
+    preset, the teacher online) against its paired real subset (DWA: its initial real images; SRe2L: a
+    random class-balanced subset), print a row per IPC and append them to
+    ``benchmarks/results/reproduce_<method>.md`` beside ``published`` ({dataset: {ipc: text}})."""
+    import tempfile
+
+    from _harness import environment
+
+    from fastdd.data import load_dataset
+    from fastdd.evaluate import evaluate_synset, protocol_config
+    from fastdd.methods import get
+    from fastdd.squeeze import SqueezeConfig, squeeze
+    from fastdd.synset import save_synset
+
+    args = recover_parser(doc, method_name).parse_args(argv)
+    student, epochs = args.student, args.epochs
+    if args.smoke:
+        args.dataset, args.ipc, args.iterations, args.models, args.device = "digits", [2], 2, 1, "cpu"
+        student, epochs = "ConvNetD2", 1
+    size = (args.image_size, args.image_size) if args.image_size else None
+    test_split = args.test_split or ("val" if args.dataset == "imagefolder" else "test")
+    lazy = "auto" if args.dataset in ("imagefolder", "tiny-imagenet") else False
+    train = load_dataset(args.dataset, "train", root=args.data_path, image_size=size, lazy=lazy)
+    test = load_dataset(args.dataset, test_split, root=args.data_path, image_size=size, lazy=lazy)
+    teacher = args.teacher
+    if args.smoke:
+        teacher = tempfile.mkdtemp(prefix="fastdd-smoke-teacher-")
+        squeeze(train, SqueezeConfig(model="ConvNetBN", epochs=1, batch_size=64), teacher, progress=False)
+    if not teacher:
+        raise SystemExit("--teacher: required (a `fastdd squeeze` directory or resnet18:PATH); nothing is downloaded")
+    cls = get(method_name)
+    env = environment(args.device)
+    rows = []
+    for ipc in args.ipc:
+        cfg = cls.config_cls(teacher=teacher, ipc=ipc, iterations=args.iterations, seed=args.seed)
+        method, distill_s = fit_timed(cls, cfg, train, args.device, 100)
+        syn = method.synthetic_set()
+        save_synset(os.path.join(args.out, f"{args.dataset}_ipc{ipc}"), syn, method.config.to_dict(),
+                    {"dataset": train.name, "mean": list(train.mean), "std": list(train.std), "method": method_name})
+        ev = protocol_config("kd", teacher=teacher, num_models=args.models, model=student, epochs=epochs,
+                             seed=args.seed)
+        result = evaluate_synset(syn["images"], syn["labels"], train, test, ev, device=args.device,
+                                 baseline_indices=syn.get("init_indices")).to_dict()
+        rows.append(table_row(
+            env, args.dataset, ipc, method.config.iterations, ev.resolved(train.name, train.image_size).epochs, args.models,
+            student, f"{result['accuracy_mean']:.1f} ± {result['accuracy_std']:.1f}",
+            f"{result['random_baseline_mean']:.1f} ± {result['random_baseline_std']:.1f}",
+            published.get(args.dataset, {}).get(ipc, "-"), f"{distill_s:.0f}", f"{result['seconds']:.0f}"))
+        print(rows[-1], flush=True)
+    if args.smoke:
+        print("smoke run: nothing appended", flush=True)
+        return 0
+    append_rows(f"reproduce_{method_name}.md", f"# {title}\n\nTop-1 % under the KD protocol, mean ± std over "
+                "students; the paired real subset is trained the same way.",
+                ["dataset", "IPC", "steps/unit", "KD epochs", "students", "student", f"fastdd {method_name}",
+                 "paired real subset", "published (R18)", "distill s", "eval s"], rows)
+    return 0
