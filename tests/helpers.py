@@ -2,6 +2,10 @@
 image files, and a counter of the image folders' decodes."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +95,27 @@ def make_kd_set_dir(root: Path, train, per_class: int) -> Path:
                 {"ipc": per_class, "model": "ConvNetW32", "teacher": str(root / "teacher")},
                 {"dataset": train.name, "method": "sre2l", "mean": list(train.mean), "std": list(train.std)})
     return root
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a torchrun rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, nproc=2, extra_env=None, timeout=300) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node NPROC ARGS`` from the repository root, one thread per
+    process (torchrun's OMP_NUM_THREADS=1); ``extra_env`` is added to the environment, from which any
+    inherited WORLD_SIZE / RANK / LOCAL_RANK / FASTDD_KILL_AT not in it is removed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), **(extra_env or {}))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "FASTDD_KILL_AT"):
+        if not extra_env or name not in extra_env:
+            env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)

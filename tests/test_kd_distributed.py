@@ -19,17 +19,13 @@ them by rounding noise alone; they are included (their differences are ~3e-6).""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import kd_ddp_worker as worker
 import pytest
 import torch
-from helpers import make_kd_set_dir
+from helpers import make_kd_set_dir, torchrun
 
 from fastdd.cli import main
 
@@ -38,23 +34,6 @@ WEIGHT_ATOL = 5e-4
 LOGIT_RTOL = 5e-4
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args, nproc=2, timeout=300) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc_per_node 2 ARGS`` from the repository root, one thread each."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 # ------------------------------------------------------------------------------------------------ weights

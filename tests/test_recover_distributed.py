@@ -8,12 +8,10 @@ thread (torchrun's OMP_NUM_THREADS=1), and so does the in-process reference (``s
 from __future__ import annotations
 
 import copy
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 
@@ -55,21 +53,9 @@ def reference(teacher, tmp_path_factory, single_thread):
     return runs
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args, nproc=2, extra_env=None, timeout=180) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), **(extra_env or {}))
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "FASTDD_KILL_AT"):
-        if not extra_env or name not in extra_env:
-            env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "fastdd", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    """``torchrun --nproc_per_node NPROC -m fastdd ARGS`` (:func:`helpers.torchrun`)."""
+    return helpers.torchrun(["-m", "fastdd", *args], nproc=nproc, extra_env=extra_env, timeout=timeout)
 
 
 def by_ipc_index(images: torch.Tensor, labels: torch.Tensor):

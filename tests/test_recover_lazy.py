@@ -164,3 +164,26 @@ def test_distill_cli_lazy_dwa_equals_in_memory_and_dm_says_lazy_off(tree, teache
     opened.clear()
     assert distill(tree, teacher, tmp_path / "dm-auto", method="dm", lazy="auto") == 0
     assert len(opened) == 17  # the whole split, in memory
+
+
+def test_torchrun_dwa_on_a_lazy_folder_equals_one_process(tree, teacher, tmp_path):
+    """A real 2-process gloo ``torchrun`` of ``fastdd distill --method dwa --lazy on`` on the JPEG tree (each rank
+    decodes its own IPC index's initial images) writes the set of the 1-process ``--lazy on`` run."""
+    from helpers import torchrun
+
+    from fastdd.synset import load_synset
+
+    if _torchvision_io() is not None:
+        pytest.skip("the CLI's lazy decoder is torchvision here; kept to the Pillow path as the test above")
+    flags = ["--ipc", "2", "--rho", "0.5", "--perturb-steps", "1", "--batch-classes", "2"]
+    common = ["distill", "--method", "dwa", "--teacher", teacher, "--dataset", "imagefolder", "--data-path", str(tree),
+              "--iterations", "2", "--seed", "1", "--device", "cpu", "--no-progress", "--no-jpeg", "--lazy", "on",
+              *flags]
+    from fastdd.cli import main
+
+    assert main([*common, "--out", str(tmp_path / "single")]) == 0
+    proc = torchrun(["-m", "fastdd", *common, "--out", str(tmp_path / "two")], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = load_synset(tmp_path / "two"), load_synset(tmp_path / "single")
+    for key in ("images", "labels", "init_indices"):
+        assert torch.equal(got[key], want[key]), key
