@@ -9,7 +9,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -129,10 +129,12 @@ def wrap_state(state: Any, identity: dict) -> dict:
     return {"fastdd_run": identity, "state": state}
 
 
-def unwrap_state(payload: Any, identity: dict, path: str | os.PathLike, ignore=("iterations", "epochs")) -> Any:
+def unwrap_state(payload: Any, identity: dict, path: str | os.PathLike, ignore=("iterations", "epochs"),
+                 defaults: Optional[dict] = None) -> Any:
     """The state of a payload from :func:`wrap_state`, refusing one that belongs to another run.
 
-    Config keys named in ``ignore`` may differ (extending a run's length is allowed)."""
+    Config keys named in ``ignore`` may differ (extending a run's length is allowed); ``defaults`` gives the
+    value of a config key that an older checkpoint lacks (the value the code of that time used)."""
     from .errors import UsageError
 
     if not isinstance(payload, dict) or "fastdd_run" not in payload or "state" not in payload:
@@ -142,7 +144,8 @@ def unwrap_state(payload: Any, identity: dict, path: str | os.PathLike, ignore=(
         if saved.get(key) != identity.get(key):
             raise UsageError(f"{path}: belongs to another run ({key} {saved.get(key)!r}, this run has "
                              f"{identity.get(key)!r}); use another --out or --force")
-    old, new = saved.get("config", {}), identity.get("config", {})
+    new = identity.get("config", {})
+    old = {**{k: v for k, v in (defaults or {}).items() if k in new}, **saved.get("config", {})}
     differ = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
     if differ:
         k = differ[0]

@@ -163,13 +163,15 @@ def prepare_out(out: Path, force: bool, patterns=RUN_FILES) -> Path:
     return out
 
 
-def load_run_state(path: Path, identity: dict):
-    """The state saved for this run in ``path`` (None if absent); a damaged or foreign file is a UsageError."""
+def load_run_state(path: Path, identity: dict, method_cls):
+    """The state saved for this run of ``method_cls`` in ``path`` (None if absent); a damaged or foreign file is
+    a UsageError. Options that only choose how the run executes may differ (``method_cls.execution_fields``)."""
     from .checkpoint import load, unwrap_state
+    from .methods.base import LEGACY_DEFAULTS
 
     if not path.exists():
         return None
-    return unwrap_state(load(path), identity, path)
+    return unwrap_state(load(path), identity, path, ignore=method_cls.execution_fields, defaults=LEGACY_DEFAULTS)
 
 
 def _load_data(name: str, root, *splits, lazy: str = "off"):
@@ -289,7 +291,7 @@ def _distill(args, method_cls, config, device, out: Path, ctx) -> int:
     ckpt_path = out / ("checkpoint.pt" if ctx is None else f"checkpoint.rank{ctx.rank}.pt")
     who = "" if ctx is None else f"rank {ctx.rank}/{ctx.world}: "
     if args.resume:
-        state = load_run_state(ckpt_path, identity)
+        state = load_run_state(ckpt_path, identity, method_cls)
         if state is None:
             print(f"{who}--resume: no checkpoint {ckpt_path.name} in {out}, starting from scratch", file=sys.stderr)
         else:

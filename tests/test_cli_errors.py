@@ -138,6 +138,15 @@ def test_resume_refuses_other_options(tmp_path, capsys):
     assert "ipc" in capsys.readouterr().err
 
 
+def test_resume_accepts_another_compile_setting(tmp_path, capsys):
+    """``--compile`` chooses how the run executes: a run written eagerly resumes under ``auto`` (a short run:
+    also eager), and a longer ``--iterations`` extends it."""
+    out = tmp_path / "run"
+    assert _distill(out, "--compile", "off") == 0
+    assert _distill(out, "--resume", "--compile", "auto", iterations=3) == 0
+    assert torch.load(out / "synthetic.pt", weights_only=True)["config"]["iterations"] == 3
+
+
 def test_force_replaces_a_finished_run_entirely(tmp_path):
     out = tmp_path / "run"
     assert _distill(out) == 0

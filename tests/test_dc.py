@@ -136,3 +136,15 @@ def test_dsa_beats_initial_real_subset_on_fashion_mnist(fmnist):
 
 def test_dsa_rank2_beats_same_storage_random_subset_on_fashion_mnist(fmnist):
     _beats(fmnist, "dsa", 3.0, rank=2)
+
+
+def test_checkpoint_resumes_under_another_gradient_batching(digits_train, tmp_path):
+    """``batched_grads`` chooses how the per-class gradients are formed, not their values: a checkpoint written
+    with the vmapped path (the earlier default) resumes under the default (the loop on a CPU)."""
+    part = _dsa(digits_train, iterations=3, batched_grads=True).fit(1, progress=False)
+    resumed = _dsa(digits_train, iterations=3)
+    assert not resumed.batched
+    resumed.load_state_dict(part.state_dict())
+    assert resumed.iteration == 1
+    with pytest.raises(ValueError, match="dis_metric"):
+        _dsa(digits_train, iterations=3, dis_metric="mse").load_state_dict(part.state_dict())

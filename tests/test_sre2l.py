@@ -4,6 +4,7 @@ against a hand-computed two-step case and its reset / accumulate modes, and the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -169,6 +170,21 @@ def test_sre2l_noise_init_clamp_last_iterate_and_resume(toy_teacher):
     resumed.load_state_dict(state)
     resumed.fit(progress=False)
     assert torch.equal(resumed.synthetic_set()["images"], images)
+
+    # a checkpoint from before the roll_offsets and compile fields (symmetric offsets, eager) still resumes
+    old = copy.deepcopy(half.state_dict())  # (resuming moved the tensors of ``state``'s Adam state in place)
+    del old["config"]["roll_offsets"], old["config"]["compile"]
+    again = cls(cfg, ds)
+    again.load_state_dict(old)
+    again.fit(progress=False)
+    assert torch.equal(again.synthetic_set()["images"], images)
+    # steps per unit define the run (unit boundaries, cosine schedule): another value is refused
+    with pytest.raises(ValueError, match="iterations: checkpoint 6 vs now 7"):
+        cls(dataclasses.replace(cfg, iterations=7), ds).load_state_dict(copy.deepcopy(half.state_dict()))
+    nonneg = copy.deepcopy(half.state_dict())
+    del nonneg["config"]["roll_offsets"]
+    with pytest.raises(ValueError, match="roll_offsets: checkpoint 'symmetric' vs now 'nonnegative'"):
+        cls(dataclasses.replace(cfg, roll_offsets="nonnegative"), ds).load_state_dict(nonneg)
 
 
 def test_recover_loss_decreases_over_a_unit(toy_teacher):

@@ -61,6 +61,15 @@ class SharedOptions:
     dsa_strategy: str = ""  # "" picks the dataset default (fastdd.augment.dsa_strategy_for)
 
 
+#: Config fields that choose how a run executes, not what it computes (the same values up to floating-point
+#: rounding): a checkpoint resumes under other values of these (the total ``iterations`` may grow, ``compile``
+#: and ``batched_grads`` may differ, e.g. on a machine without a compiler).
+EXECUTION_FIELDS = frozenset({"iterations", "compile", "batched_grads"})
+#: Fields added after checkpoints were first written -> the value the earlier code used, for checkpoints that
+#: lack them (recover drew symmetric roll offsets before ``roll_offsets`` existed).
+LEGACY_DEFAULTS = {"roll_offsets": "symmetric"}
+
+
 @dataclass
 class MethodConfig(*reversed(config_classes()), SharedOptions):
     """:class:`SharedOptions` followed by the flat fields of every registered plugin config
@@ -104,6 +113,8 @@ class Method:
     #: whether :meth:`step` samples real images of every class at every iteration (DM family, DC/DSA); such a
     #: method refuses a lazily read dataset. The SRe2L family reads real images only to initialise the set.
     needs_real_set: bool = True
+    #: config fields a checkpoint may be resumed under other values of (:data:`EXECUTION_FIELDS`)
+    execution_fields: frozenset = EXECUTION_FIELDS
 
     def __init__(self, config: MethodConfig, dataset: Union[ImageDataset, LazyImageFolder],
                  device: torch.device | str = "cpu"):
@@ -304,9 +315,9 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         if state.get("method") != self.name:
             raise ValueError(f"checkpoint: written by method {state.get('method')!r}, not {self.name!r}")
-        saved = dict(state["config"])
         mine = self.config.to_dict()
-        differing = sorted(k for k in mine if k != "iterations" and saved.get(k) != mine[k])
+        saved = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k in mine}, **dict(state["config"])}
+        differing = sorted(k for k in mine if k not in self.execution_fields and saved.get(k) != mine[k])
         if differing:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in differing)
             raise ValueError(f"checkpoint: configuration differs from this run ({detail})")

@@ -64,7 +64,7 @@ from ..compile import Compiled, check_compile_mode, should_compile
 from ..crops import ROLL_OFFSETS, RecoverJitter
 from ..matchers import BNStatisticsLoss
 from ..teacher import load_teacher
-from .base import Method, MethodConfig
+from .base import EXECUTION_FIELDS, Method, MethodConfig
 
 PRESET_NAMES = ("auto", "cifar", "tiny", "imagenet")
 
@@ -168,6 +168,8 @@ class RecoverMethod(Method):
     supports_sharding = True  # torchrun: one shard of IPC indices per process (module docstring)
     writes_jpeg = True  # `fastdd distill` writes DIR/train/<class>/<index>.jpg by default
     needs_real_set = False  # real images only initialise the set: a LazyImageFolder is fine
+    # ``iterations`` is per unit here: it places the unit boundaries and the cosine schedule, so it must match
+    execution_fields = EXECUTION_FIELDS - {"iterations"}
 
     def __init__(self, config: RecoverConfig, dataset, device="cpu", shard: Optional[Tuple[int, int]] = None):
         """``shard=(rank, world)``: this process runs that shard (as :meth:`shard` does) and a real-image
