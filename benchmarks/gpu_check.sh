@@ -50,6 +50,7 @@ if [ $DRY = 1 ]; then
         --repeats 1 --batch-real 8 --compile off --out "$RES"
     step bench_evaluate 240 $PY benchmarks/evaluate.py --device cpu --quick --epochs 1 --models 1 --compile off \
         --data-path benchmarks/data --out "$RES"
+    step bench_recover 30 $PY benchmarks/recover.py --help
     ITER=2; EPOCHS=1; MODELS=1
 else
     step build 100 $PY -m pip install -q --no-build-isolation --no-deps -e .
@@ -58,6 +59,7 @@ else
     step bench_dm_iteration 80 $PY benchmarks/dm_iteration.py --device cuda --quick --out "$RES"
     step bench_evaluate 50 $PY benchmarks/evaluate.py --device cuda --quick --ipc 1 10 --epochs 100 --models 2 \
         --out "$RES"
+    step bench_recover 90 $PY benchmarks/recover.py --device cuda --side 224 --batch 100 --repeats 10 --out "$RES"
     ITER=200; EPOCHS=300; MODELS=2
 fi
 step distill_dm 60 $PY -m fastdd.cli distill --method dm --dataset fashion-mnist --data-path benchmarks/data \

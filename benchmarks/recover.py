@@ -14,7 +14,9 @@ per-channel clamp:
 * ``fastdd`` (B): ``fastdd.methods.sre2l.SRe2L.step`` with the config ``fastdd distill`` uses
   (``compile="auto"``, which compiles the teacher loss at 1000 steps per unit), inside
   :func:`fastdd.allocator.reuse_freed_memory` as ``Method.fit`` runs it;
-* ``fastdd-eager``: B with ``compile="off"``.
+* ``fastdd-eager``: B with ``compile="off"``;
+* ``fused-bf16`` / ``fused-channels-last`` (GPU variants, default on CUDA only): ``reference-fused`` under
+  ``torch.autocast(bfloat16)`` / with the teacher and images in channels_last memory format.
 
 The teacher has random weights and default running statistics (the time does not depend on them).
 Each provider lives in its own spawned process (its own allocator state; :mod:`_providers`); they are
@@ -46,7 +48,8 @@ from fastdd.matchers import BNStatisticsLoss  # noqa: E402
 from fastdd.methods import get  # noqa: E402
 from fastdd.models import get_model  # noqa: E402
 
-PROVIDERS = ("reference-hook", "reference-fused", "fastdd", "fastdd-eager")
+PROVIDERS = ("reference-hook", "reference-fused", "fastdd", "fastdd-eager", "fused-bf16", "fused-channels-last")
+CPU_PROVIDERS = PROVIDERS[:4]  # bf16 without AVX-512 BF16 / AMX, and channels_last copies, are not CPU targets
 MODEL, CLASSES, MEAN, STD = "TVResNet18S", 1000, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 REPORT = ("One SRe2L recover iteration: reference structure with the BN hook (A) vs fastdd (B)",
           "Whole iteration (jitter, TVResNet18S teacher forward, CE + BN term, backward to the pixels, Adam step, "
@@ -86,10 +89,15 @@ def frozen_teacher(side: int, device) -> nn.Module:
     return net
 
 
-def reference_iteration(side: int, batch: int, device: str, bn: str):
-    """A (``bn="hook"``) or A with the fused BN loss (``bn="fused"``): the reference's loop body."""
+def reference_iteration(side: int, batch: int, device: str, bn: str, variant: str = ""):
+    """A (``bn="hook"``) or A with the fused BN loss (``bn="fused"``): the reference's loop body; ``variant``
+    ``"bf16"`` runs the teacher under bf16 autocast, ``"channels-last"`` in channels_last memory format."""
     net = frozen_teacher(side, device)
+    if variant == "channels-last":
+        net = net.to(memory_format=torch.channels_last)
     reg = HookBNLoss(net) if bn == "hook" else BNStatisticsLoss(net, 10.0, 1.0)
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=variant == "bf16")
+    fmt = torch.channels_last if variant == "channels-last" else torch.contiguous_format
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 3, side, side, generator=g, device=device).requires_grad_(True)
     y = torch.arange(batch, device=device) % CLASSES
@@ -103,7 +111,8 @@ def reference_iteration(side: int, batch: int, device: str, bn: str):
         if rng.random() < 0.5:
             view = torch.flip(view, dims=(3,))
         opt.zero_grad()
-        loss = F.cross_entropy(net(view), y) + 0.01 * reg.loss()
+        with amp:
+            loss = F.cross_entropy(net(view.contiguous(memory_format=fmt)), y) + 0.01 * reg.loss()
         loss.backward()
         opt.step()
         with torch.no_grad():  # clip to the normalised image range, per channel
@@ -133,6 +142,8 @@ def build_provider(name: str, side: int, batch: int, device: str, compile_mode: 
     """Provider ``name`` (the :class:`ProcessProvider` factory)."""
     if name.startswith("reference-"):
         return reference_iteration(side, batch, device, name.split("-", 1)[1])
+    if name.startswith("fused-"):
+        return reference_iteration(side, batch, device, "fused", name.split("-", 1)[1])
     return fastdd_iteration(side, batch, device, compile_mode if name == "fastdd" else "off")
 
 
@@ -143,12 +154,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7 cpu / 30 cuda)")
     ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="provider fastdd's setting")
-    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    ap.add_argument("--providers", nargs="+", default=None, choices=list(PROVIDERS),
+                    help="default: all on CUDA, the first four on a CPU")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--no-save", action="store_true")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     check_device(device)
+    a.providers = a.providers or list(PROVIDERS if device.type == "cuda" else CPU_PROVIDERS)
     if "reference-hook" not in a.providers:
         raise SystemExit("--providers: reference-hook (the baseline of the ratios) is required")
     repeats = a.repeats or (30 if device.type == "cuda" else 7)
