@@ -276,7 +276,7 @@ class RecoverMethod(Method):
 
     def teacher_loss(self, view: torch.Tensor, labels: torch.Tensor):
         """(total loss, CE, BN term) of the jittered view [B, C, H, W] with labels [B]: no random draw and no
-        host sync, so it compiles with ``torch.compile(fullgraph=True)`` (the ``compile`` option)."""
+        host sync, so ``torch.compile`` captures it whole (the ``compile`` option)."""
         logits = self.teacher(view)
         ce = F.cross_entropy(logits, labels)
         bn = self.bn_loss.loss()
