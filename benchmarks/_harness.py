@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
 import dataclasses
 import datetime as _dt
 import functools
@@ -280,10 +279,12 @@ def cpu_notes(call: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], 
 
 
 def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    """Return glibc's free heap to the kernel (nothing elsewhere), through fastdd's one libc lookup."""
+    from fastdd.allocator import _glibc
+
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _rss_kib() -> Dict[str, int]:

@@ -132,13 +132,18 @@ def test_lazy_class_size_errors(tree, teacher):
 
 
 # ------------------------------------------------------------------------------------------------ command line
+def distill_argv(tree, teacher, out, method="dwa", lazy="on", *extra):
+    """``fastdd distill`` arguments for ``tree`` (IPC 1, 2 iterations); ``extra`` flags come last and win."""
+    flags = ["--rho", "0.5", "--perturb-steps", "1", "--teacher", teacher] if method == "dwa" else ["--batch-real", "2"]
+    return ["distill", "--method", method, "--dataset", "imagefolder", "--data-path", str(tree), "--ipc", "1",
+            "--iterations", "2", "--seed", "1", "--device", "cpu", "--no-progress", "--no-jpeg", "--lazy", lazy,
+            "--out", str(out), *flags, *extra]
+
+
 def distill(tree, teacher, out, method="dwa", lazy="on", *extra):
     from fastdd.cli import main
 
-    flags = ["--rho", "0.5", "--perturb-steps", "1", "--teacher", teacher] if method == "dwa" else ["--batch-real", "2"]
-    return main(["distill", "--method", method, "--dataset", "imagefolder", "--data-path", str(tree), "--ipc", "1",
-                 "--iterations", "2", "--seed", "1", "--device", "cpu", "--no-progress", "--no-jpeg", "--lazy", lazy,
-                 "--out", str(out), *flags, *extra])
+    return main(distill_argv(tree, teacher, out, method, lazy, *extra))
 
 
 def test_distill_cli_lazy_dwa_equals_in_memory_and_dm_says_lazy_off(tree, teacher, tmp_path, capsys, monkeypatch):
@@ -175,14 +180,10 @@ def test_torchrun_dwa_on_a_lazy_folder_equals_one_process(tree, teacher, tmp_pat
 
     if _torchvision_io() is not None:
         pytest.skip("the CLI's lazy decoder is torchvision here; kept to the Pillow path as the test above")
-    flags = ["--ipc", "2", "--rho", "0.5", "--perturb-steps", "1", "--batch-classes", "2"]
-    common = ["distill", "--method", "dwa", "--teacher", teacher, "--dataset", "imagefolder", "--data-path", str(tree),
-              "--iterations", "2", "--seed", "1", "--device", "cpu", "--no-progress", "--no-jpeg", "--lazy", "on",
-              *flags]
-    from fastdd.cli import main
-
-    assert main([*common, "--out", str(tmp_path / "single")]) == 0
-    proc = torchrun(["-m", "fastdd", *common, "--out", str(tmp_path / "two")], timeout=240)
+    flags = ("--ipc", "2", "--batch-classes", "2")  # IPC index 0 on rank 0, 1 on rank 1
+    assert distill(tree, teacher, tmp_path / "single", "dwa", "on", *flags) == 0
+    proc = torchrun(["-m", "fastdd", *distill_argv(tree, teacher, tmp_path / "two", "dwa", "on", *flags)],
+                    timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got, want = load_synset(tmp_path / "two"), load_synset(tmp_path / "single")
     for key in ("images", "labels", "init_indices"):
