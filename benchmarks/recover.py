@@ -15,8 +15,11 @@ per-channel clamp:
   (``compile="auto"``, which compiles the teacher loss at 1000 steps per unit), inside
   :func:`fastdd.allocator.reuse_freed_memory` as ``Method.fit`` runs it;
 * ``fastdd-eager``: B with ``compile="off"``;
-* ``fused-bf16`` / ``fused-channels-last`` (GPU variants, default on CUDA only): ``reference-fused`` under
-  ``torch.autocast(bfloat16)`` / with the teacher and images in channels_last memory format.
+* ``fastdd-contiguous``: B with ``memory_format="contiguous"`` (the NCHW teacher; ``auto`` is channels_last
+  on a CPU), isolating the layout;
+* ``fused-channels-last`` / ``hook-channels-last``: ``reference-fused`` / ``reference-hook`` with the teacher
+  and images in channels_last memory format (does the layout alone help the reference?);
+* ``fused-bf16`` (GPU variant, default on CUDA only): ``reference-fused`` under ``torch.autocast(bfloat16)``.
 
 The teacher has random weights and default running statistics (the time does not depend on them).
 Each provider lives in its own spawned process (its own allocator state; :mod:`_providers`); they are
@@ -48,8 +51,9 @@ from fastdd.matchers import BNStatisticsLoss  # noqa: E402
 from fastdd.methods import get  # noqa: E402
 from fastdd.models import get_model  # noqa: E402
 
-PROVIDERS = ("reference-hook", "reference-fused", "fastdd", "fastdd-eager", "fused-bf16", "fused-channels-last")
-CPU_PROVIDERS = PROVIDERS[:4]  # bf16 without AVX-512 BF16 / AMX, and channels_last copies, are not CPU targets
+PROVIDERS = ("reference-hook", "reference-fused", "fastdd", "fastdd-eager", "fastdd-contiguous", "fused-channels-last",
+             "hook-channels-last", "fused-bf16")
+CPU_PROVIDERS = PROVIDERS[:7]  # bf16 without AVX-512 BF16 / AMX is not a CPU target
 MODEL, CLASSES, MEAN, STD = "TVResNet18S", 1000, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 REPORT = ("One SRe2L recover iteration: reference structure with the BN hook (A) vs fastdd (B)",
           "Whole iteration (jitter, TVResNet18S teacher forward, CE + BN term, backward to the pixels, Adam step, "
@@ -121,7 +125,7 @@ def reference_iteration(side: int, batch: int, device: str, bn: str, variant: st
     return run
 
 
-def fastdd_iteration(side: int, batch: int, device: str, compile_mode: str):
+def fastdd_iteration(side: int, batch: int, device: str, compile_mode: str, memory_format: str = "auto"):
     """B: one ``SRe2L.step`` (1000 classes, IPC 1, ``batch`` classes per unit, 1000 steps per unit)."""
     path = os.path.join(tempfile.mkdtemp(prefix="fastdd-bench-teacher-"), "teacher.pth")
     torch.save(frozen_teacher(side, "cpu").state_dict(), path)
@@ -130,7 +134,7 @@ def fastdd_iteration(side: int, batch: int, device: str, compile_mode: str):
                       CLASSES, mean=MEAN, std=STD)
     cls = get("sre2l")
     m = cls(cls.config_cls(teacher=f"resnet18s:{path}", preset="cifar", ipc=1, batch_classes=batch,
-                           iterations=1000, compile=compile_mode, seed=0), ds, device=device)
+                           iterations=1000, compile=compile_mode, memory_format=memory_format, seed=0), ds, device=device)
 
     def step():
         m.step()
@@ -142,8 +146,11 @@ def build_provider(name: str, side: int, batch: int, device: str, compile_mode: 
     """Provider ``name`` (the :class:`ProcessProvider` factory)."""
     if name.startswith("reference-"):
         return reference_iteration(side, batch, device, name.split("-", 1)[1])
-    if name.startswith("fused-"):
-        return reference_iteration(side, batch, device, "fused", name.split("-", 1)[1])
+    if name.startswith(("fused-", "hook-")):
+        bn, variant = name.split("-", 1)
+        return reference_iteration(side, batch, device, bn, variant)
+    if name == "fastdd-contiguous":
+        return fastdd_iteration(side, batch, device, compile_mode, "contiguous")
     return fastdd_iteration(side, batch, device, compile_mode if name == "fastdd" else "off")
 
 

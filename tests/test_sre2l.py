@@ -224,6 +224,34 @@ def test_compile_option_is_checked(toy_teacher):
     cls = get("sre2l")
     with pytest.raises(ValueError, match="compile"):
         cls(cls.config_cls(teacher=toy_teacher, ipc=1, iterations=1, compile="yes"), toy_dataset())
+    with pytest.raises(ValueError, match="memory_format"):
+        cls(cls.config_cls(teacher=toy_teacher, ipc=1, iterations=1, memory_format="nhwc"), toy_dataset())
+
+
+@pytest.mark.parametrize("name", ["sre2l", "dwa"])
+def test_channels_last_teacher_matches_contiguous(name, toy_teacher):
+    """``memory_format``: the channels_last teacher (``auto`` on a CPU; the BN statistics read its maps in
+    place) gives the NCHW teacher's losses and images up to fp32 rounding, DWA's perturbed teacher included;
+    the option may change on resume (an execution field)."""
+    ds = toy_dataset()
+    cls = get(name)
+    extra = dict(rho=0.5, perturb_steps=2) if name == "dwa" else {}
+    runs = {}
+    for fmt in ("contiguous", "auto"):
+        m = cls(cls.config_cls(teacher=toy_teacher, ipc=2, iterations=3, batch_classes=2, seed=4, compile="off",
+                               memory_format=fmt, **extra), ds)
+        conv = next(p for p in m.teacher.parameters() if p.dim() == 4)
+        assert conv.is_contiguous(memory_format=torch.channels_last) == (fmt == "auto")
+        losses = []
+        for _ in range(m.total_steps):
+            losses.append(m.step())
+            m.iteration += 1
+        runs[fmt] = (torch.tensor(losses), m.synthetic_set()["images"], m.state_dict())
+    torch.testing.assert_close(runs["auto"][0], runs["contiguous"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs["auto"][1], runs["contiguous"][1], rtol=1e-3, atol=1e-3)
+    m = cls(cls.config_cls(teacher=toy_teacher, ipc=2, iterations=3, batch_classes=2, seed=4, compile="off",
+                           memory_format="contiguous", **extra), ds)
+    m.load_state_dict(runs["auto"][2])
 
 
 # ------------------------------------------------------------------------------------------------ DWA

@@ -7,6 +7,9 @@
 //   feature_moments(x [R, P], order) -> [R, 4]
 //       per row r: the mean mu_r and the biased central moments m2, m3, m4 (m3 = m4 = 0 unless
 //       order == 4) over the P columns; two passes over each row while it sits in L1/L2.
+//   feature_moments_cols(x [M, C]) -> [C, 2]
+//       per column c the mean and the biased variance over the M rows (a channels_last map [N, C, H, W]
+//       is [N*H*W, C] row-major): one pass, shifted sums in double over fixed row blocks.
 //   feature_moments_class_map(x [N, C, P], order_idx [N], offsets [K+1], order, save_map)
 //       -> (amap [K, C, P] or [0], rowstats [K*C, 4])
 //       per class k (samples order_idx[offsets[k]:offsets[k+1]], i.e. the labels' stable argsort) the
@@ -116,6 +119,22 @@ Tensor rows_cpu(const Tensor& x_in, int64_t order) {
     using in_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "feature_moments_rows_out", [&] {
       FM_ISA_CALL(rows_impl<in_t, scalar_t>(x.data_ptr<in_t>(), out.data_ptr<scalar_t>(), R, P, order));
+    });
+  });
+  return out;
+}
+
+Tensor cols_cpu(const Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2, "feature_moments_cols: x must be [M, C], got ", x_in.sizes());
+  TORCH_CHECK(x_in.size(0) > 0, "feature_moments_cols: x must have at least one row");
+  const Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), C = x.size(1);
+  Tensor out = at::empty({C, 2}, x.options().dtype(fastdd::acc_scalar_type(x.scalar_type())));
+  if (C == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "feature_moments_cols", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "feature_moments_cols_out", [&] {
+      FM_ISA_CALL(cols_impl<in_t, scalar_t>(x.data_ptr<in_t>(), out.data_ptr<scalar_t>(), M, C));
     });
   });
   return out;
@@ -237,6 +256,7 @@ Tensor class_map_backward_cpu(const Tensor& amap_in, const Tensor& order_idx_in,
 
 TORCH_LIBRARY_FRAGMENT(fastdd_C, m) {
   m.def("feature_moments(Tensor x, int order) -> Tensor");
+  m.def("feature_moments_cols(Tensor x) -> Tensor");
   m.def(
       "feature_moments_class_map(Tensor x, Tensor order_idx, Tensor offsets, int order, bool save_map)"
       " -> (Tensor, Tensor)");
@@ -250,6 +270,7 @@ TORCH_LIBRARY_FRAGMENT(fastdd_C, m) {
 
 TORCH_LIBRARY_IMPL(fastdd_C, CPU, m) {
   m.impl("feature_moments", &fastdd_feature_moments::rows_cpu);
+  m.impl("feature_moments_cols", &fastdd_feature_moments::cols_cpu);
   m.impl("feature_moments_class_map", &fastdd_feature_moments::class_map_cpu);
   m.impl("feature_moments_poly_backward", &fastdd_feature_moments::poly_backward_cpu);
   m.impl("feature_moments_class_map_backward", &fastdd_feature_moments::class_map_backward_cpu);

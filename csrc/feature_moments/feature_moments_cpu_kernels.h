@@ -71,6 +71,54 @@ void rows_impl(const in_t* xp, out_t* op, int64_t R, int64_t P, int64_t order) {
   });
 }
 
+// Column mean and biased variance of x [M, C] (row-major: a channels_last map seen as [N*H*W, C]).
+// Blocks of kColRows rows (a fixed size, whatever the thread count) accumulate, per column and in double,
+// the sums of d = x - x[0, c] and of d^2; the block sums are then added in block order. The shift by the
+// first row keeps the one-pass variance accurate when the mean is large against the spread.
+constexpr int64_t kColRows = 128;
+
+template <typename in_t, typename out_t>
+void cols_impl(const in_t* xp, out_t* op, int64_t M, int64_t C) {
+  const int64_t nb = (M + kColRows - 1) / kColRows;
+  std::vector<double> shift(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) shift[c] = to_acc(xp[c]);
+  std::vector<double> part(static_cast<size_t>(nb * 2 * C));
+  const double* sh = shift.data();
+  at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      double* s1 = part.data() + blk * 2 * C;
+      double* s2 = s1 + C;
+      std::fill(s1, s1 + 2 * C, 0.0);
+      const int64_t r1 = std::min(M, (blk + 1) * kColRows);
+      for (int64_t r = blk * kColRows; r < r1; ++r) {
+        const in_t* row = xp + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const double d = to_acc(row[c]) - sh[c];
+          s1[c] += d;
+          s2[c] += d * d;
+        }
+      }
+    }
+  });
+  std::vector<double> t1(static_cast<size_t>(C), 0.0), t2(static_cast<size_t>(C), 0.0);
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const double* s1 = part.data() + blk * 2 * C;
+    const double* s2 = s1 + C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      t1[c] += s1[c];
+      t2[c] += s2[c];
+    }
+  }
+  const double inv = 1.0 / static_cast<double>(M);
+  for (int64_t c = 0; c < C; ++c) {
+    const double dm = t1[c] * inv;
+    op[c * 2] = static_cast<out_t>(sh[c] + dm);
+    op[c * 2 + 1] = static_cast<out_t>(std::max(0.0, t2[c] * inv - dm * dm));
+  }
+}
+
 // Class-mean map and its row moments. Work item = (class k, channels c0:c1); the samples of the class
 // stream through a partial-sum buffer in the input's opmath type (float for fp32/fp16/bf16), four at a
 // time, flushed every kFlush samples into a double accumulator.

@@ -63,8 +63,8 @@ class SharedOptions:
 
 #: Config fields that choose how a run executes, not what it computes (the same values up to floating-point
 #: rounding): a checkpoint resumes under other values of these (the total ``iterations`` may grow, ``compile``
-#: and ``batched_grads`` may differ, e.g. on a machine without a compiler).
-EXECUTION_FIELDS = frozenset({"iterations", "compile", "batched_grads"})
+#: ``batched_grads`` and the teacher's ``memory_format`` may differ, e.g. on a machine without a compiler).
+EXECUTION_FIELDS = frozenset({"iterations", "compile", "batched_grads", "memory_format"})
 #: Fields added after checkpoints were first written -> the value the earlier code used, for checkpoints that
 #: lack them (recover drew symmetric roll offsets before ``roll_offsets`` existed).
 LEGACY_DEFAULTS = {"roll_offsets": "symmetric"}

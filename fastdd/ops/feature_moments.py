@@ -36,7 +36,12 @@ gradient of these statistics with respect to x has the closed form
               or d = A[k,c,p] - mean[k,c] with k = labels[n]         (batchavg)
 
 with per-row coefficients built from the upstream gradient (the loss gradient) and the saved row
-moments, so the backward is one elementwise pass (read x or the class map A, write dx). Backends
+moments, so the backward is one elementwise pass (read x or the class map A, write dx). A channels_last
+map (how a CPU teacher runs in SRe2L/DWA recover) is read in place for the BN statistics: the ``cpp``
+column kernel (``feature_moments_cols``: one pass over x as [N*H*W, C], shifted sums in double over fixed row
+blocks) and a one-pass ATen ``addcmul`` backward that writes dx channels_last; the other modes, and the
+other backends' forward, make the map NCHW-contiguous first. Both custom ops are tagged
+``flexible_layout``, so inductor hands them the layout its convolutions produce instead of copying. Backends
 (:mod:`fastdd.ops._backend`): ``cpp`` (``csrc/feature_moments/feature_moments_cpu.cpp``, OpenMP; inner
 loops in ``feature_moments_cpu_kernels.h`` built once per SIMD path, ``FASTDD_SIMD`` forces one; results are
 bit-identical on every path and thread count),
@@ -286,6 +291,11 @@ class _NativeKernels:
         return torch.ops.fastdd_C.feature_moments_class_map(x3d, idx, offsets, order, save_map)
 
     @staticmethod
+    def cols(x2d):
+        """[C, 2] column (mean, biased variance) of x2d [M, C] (CPU kernel; None where there is none)."""
+        return torch.ops.fastdd_C.feature_moments_cols(x2d) if x2d.device.type == "cpu" else None
+
+    @staticmethod
     def poly(src, idx, center, coef, degree, out_dtype):
         return torch.ops.fastdd_C.feature_moments_poly_backward(src, idx, center, coef, degree, out_dtype)
 
@@ -311,6 +321,9 @@ class _TritonKernels:
     def rows(self, x2d, order):
         out = torch.empty((x2d.shape[0], 4), dtype=_stat_dtype(x2d.dtype), device=x2d.device)
         return self.m.launch_rows(x2d, out, order, wrap=self.wrap)
+
+    def cols(self, x2d):
+        return None  # no column kernel: the caller makes x NCHW-contiguous and uses the row kernel
 
     def class_map(self, x3d, idx, offsets, order, save_map):
         N, C, P = x3d.shape
@@ -359,7 +372,7 @@ def _group_by_class(lab: torch.Tensor, counts: torch.Tensor):
 
 
 def _forward_body(kern, x, labels, num_classes, mode, higher, eps, save_map):
-    """(mean [K,C], second [K,C], skew, kurt, rowstats [R,4], amap) for mode persample/batchavg/pooled.
+    """(mean [K,C], second [K,C], skew, kurt, rowstats [R,4] ([0] for pooled), amap) for each mode.
 
     ``second`` is std for the DDM modes and the biased variance for ``pooled`` (BN statistics over
     (N, H, W), num_classes == 1, labels unused)."""
@@ -368,14 +381,19 @@ def _forward_body(kern, x, labels, num_classes, mode, higher, eps, save_map):
     K = num_classes
     sdt = _stat_dtype(x.dtype)
     order = 4 if higher else 2
-    x = x.contiguous()
     empty = lambda: x.new_empty((0,), dtype=sdt)  # noqa: E731
+    if mode == "pooled" and _channels_last(x):
+        mv = kern.cols(x.permute(0, 2, 3, 1).reshape(N * P, C))  # a view: no copy
+        if mv is not None:
+            mean, var = (mv[:, j].unsqueeze(0).clone() for j in (0, 1))  # outputs may not alias each other
+            return mean, var, empty(), empty(), empty(), empty()
+    x = x.contiguous()
     if mode == "pooled":
         rs = kern.rows(x.view(N * C, P), 2).view(N, C, 4)
         mu, m2 = rs[..., 0], rs[..., 1]
         mean = mu.mean(0)
         var = (m2 + (mu - mean).square()).mean(0)
-        return mean.unsqueeze(0), var.unsqueeze(0), empty(), empty(), rs.view(N * C, 4), empty()
+        return mean.unsqueeze(0), var.unsqueeze(0), empty(), empty(), empty(), empty()
     lab = labels.to(torch.int64)
     counts = _class_counts(lab, K)
     if mode == "persample":
@@ -404,6 +422,16 @@ def _forward_body(kern, x, labels, num_classes, mode, higher, eps, save_map):
     return mu.clone(), std, skew, kurt, rowstats, amap
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether x [N, C, H, W] is stored channels_last and not also NCHW-contiguous (C or H*W of 1)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def grad_or_zero_pooled(g: Optional[torch.Tensor], C: int, sdt: torch.dtype, device) -> torch.Tensor:
+    """The upstream gradient [1, C] of a pooled statistic as [C] in the statistics dtype (zeros if None)."""
+    return torch.zeros((C,), dtype=sdt, device=device) if g is None else g.reshape(C).to(sdt)
+
+
 def _backward_body(kern, g_mean, g_second, g_skew, g_kurt, x, labels, mean, rowstats, amap, num_classes,
                    mode, higher, eps):
     """dx for the forward of :func:`_forward_body`: per-row polynomial coefficients, then one pass."""
@@ -411,6 +439,12 @@ def _backward_body(kern, g_mean, g_second, g_skew, g_kurt, x, labels, mean, rows
     P = H * W
     K = num_classes
     sdt = _stat_dtype(x.dtype)
+    if mode == "pooled" and _channels_last(x):
+        # dx = c0 + c1 (x - mean) per channel, written channels_last like x: one ATen pass, any backend
+        c1 = 2.0 * grad_or_zero_pooled(g_second, C, sdt, x.device) / (N * P)
+        c0 = grad_or_zero_pooled(g_mean, C, sdt, x.device) / (N * P) - c1 * mean.reshape(C).to(sdt)
+        shape = (1, C, 1, 1)
+        return torch.addcmul(c0.to(x.dtype).view(shape), x, c1.to(x.dtype).view(shape))
     x = x.contiguous()
     rows = K * C if mode == "batchavg" else N * C
 
@@ -479,16 +513,16 @@ def _fake_forward(x, labels, num_classes, mode, higher, eps, save_map):
     sdt = _stat_dtype(x.dtype)
     new = lambda *s: x.new_empty(s, dtype=sdt)  # noqa: E731
     hk = (K, C) if higher and mode != "pooled" else (0,)
-    rows = K * C if mode == "batchavg" else N * C
+    rows = (K * C if mode == "batchavg" else N * C, 4) if mode != "pooled" else (0,)  # pooled: bwd needs the mean
     amap = (K, C, H * W) if (mode == "batchavg" and save_map) else (0,)
-    return new(K, C), new(K, C), new(*hk), new(*hk), new(rows, 4), new(*amap)
+    return new(K, C), new(K, C), new(*hk), new(*hk), new(*rows), new(*amap)
 
 
 _SCHEMA_OUT = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-@torch.library.custom_op("fastdd::feature_moments", mutates_args=())
+@torch.library.custom_op("fastdd::feature_moments", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _fm_op(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mode: str, higher: bool, eps: float,
            save_map: bool, backend: str) -> _SCHEMA_OUT:
     """Forward on the resolved ``backend`` (cpp, cuda or triton); see :func:`_forward_body` for the outputs."""
@@ -500,7 +534,7 @@ def _(x, labels, num_classes, mode, higher, eps, save_map, backend):
     return _fake_forward(x, labels, num_classes, mode, higher, eps, save_map)
 
 
-@torch.library.custom_op("fastdd::feature_moments_backward", mutates_args=())
+@torch.library.custom_op("fastdd::feature_moments_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _fm_bwd_op(g_mean: Optional[torch.Tensor], g_second: Optional[torch.Tensor],
                g_skew: Optional[torch.Tensor], g_kurt: Optional[torch.Tensor], x: torch.Tensor,
                labels: torch.Tensor, mean: torch.Tensor, rowstats: torch.Tensor, amap: torch.Tensor,
@@ -512,7 +546,8 @@ def _fm_bwd_op(g_mean: Optional[torch.Tensor], g_second: Optional[torch.Tensor],
 
 @_fm_bwd_op.register_fake
 def _(g_mean, g_second, g_skew, g_kurt, x, labels, mean, rowstats, amap, num_classes, mode, higher, eps, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    cl = mode == "pooled" and _channels_last(x)
+    return torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):

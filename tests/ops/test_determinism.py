@@ -43,7 +43,7 @@ def simd_path(path: str, threads: int):
 
 def forward_backward(fn, *inputs):
     """fn(*leaves) and the gradients of its sum with respect to every floating input."""
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]  # clone keeps the layout
     out = fn(*leaves)
     grads = torch.autograd.grad(out.sum(), [t for t in leaves if t.requires_grad])
     return [out.detach(), *grads]
@@ -97,6 +97,12 @@ def case_bn_stat(dtype):
     return (lambda t: fm_ops.bn_stat_loss(t, rm, rv, backend="cpp")), (x,)
 
 
+def case_bn_stat_channels_last(dtype):
+    """A channels_last map (the column kernel): 390 rows of 7 channels, several fixed row blocks."""
+    fn, (x,) = case_bn_stat(dtype)
+    return fn, (x.contiguous(memory_format=torch.channels_last),)
+
+
 def case_lowrank(rank):
     def make(dtype):
         g = gen(6)
@@ -114,6 +120,7 @@ CASES = {
     "moments_batchavg": case_moments("batchavg"),
     "moments_persample": case_moments("persample"),
     "bn_stat_loss": case_bn_stat,
+    "bn_stat_loss_channels_last": case_bn_stat_channels_last,
     "lowrank_r3": case_lowrank(3),
     "lowrank_r11": case_lowrank(11),  # the runtime-rank kernels
 }

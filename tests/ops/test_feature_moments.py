@@ -260,6 +260,44 @@ def test_bn_stat_loss_matches_float64(cpu_backend, shape):
     torch.testing.assert_close(mean, x.double().mean((0, 2, 3)))
 
 
+@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("shape", [(6, 5, 4, 7), (2, 3, 17, 9), (3, 1, 2, 2), (4, 6, 1, 1)])
+def test_bn_stat_loss_channels_last(cpu_backend, shape):
+    """A channels_last map (how the recover teacher runs on a CPU) is read in place by the column kernel:
+    same rule against float64, and its gradient comes back channels_last like the map."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(*shape, generator=g) * 3 + 4).contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.randn(shape[1], generator=g), torch.rand(shape[1], generator=g) + 0.5
+
+    def run(fn, x, rm, rv, **extra):
+        xr = x.clone().requires_grad_(True)
+        loss = fn(xr, rm, rv, **extra)
+        return loss, *torch.autograd.grad(loss * 0.3, xr)
+
+    ref = run(fm.bn_stat_loss_reference, x.double(), rm.double(), rv.double())
+    base = run(fm.bn_stat_loss_reference, x, rm, rv)
+    got = run(fm.bn_stat_loss, x, rm, rv, backend=cpu_backend)
+    for i, (o, r, b) in enumerate(zip(got, ref, base)):
+        assert_rule(o, r, b, torch.float32, f"{cpu_backend} channels_last bn output {i}")
+    if cpu_backend == "cpp" and fm._channels_last(x):
+        assert got[1].is_contiguous(memory_format=torch.channels_last)
+    mean, var = fm.bn_stats(x.double(), backend=cpu_backend)
+    torch.testing.assert_close(var, x.double().var((0, 2, 3), unbiased=False))
+    torch.testing.assert_close(mean, x.double().mean((0, 2, 3)))
+
+
+@needs_cpp
+def test_bn_stats_channels_last_large_mean():
+    """The column kernel's one-pass variance is shifted by the first row: a mean 1e4 times the spread keeps
+    a relative variance error of a few float32 ulps (an unshifted sum of squares would lose it all)."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(40, 8, 6, 6, generator=g) * 0.01 + 100.0).contiguous(memory_format=torch.channels_last)
+    mean, var = fm.bn_stats(x, backend="cpp")
+    v64, m64 = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), m64, rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), v64, rtol=1e-5, atol=0)
+
+
 @needs_cpp
 def test_bn_stat_loss_zero_difference_subgradient():
     """A term whose difference is exactly 0 contributes the subgradient 0 (as torch's norm), not NaN."""
@@ -289,8 +327,9 @@ def test_gradcheck_float64(cpu_backend, mode):
         lambda a: fm.moment_loss([a], labels, stats, 2, mode=mode, relative=True, backend=cpu_backend), (x,),
         fast_mode=fast)
     rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a: fm.bn_stat_loss(a, rm, rv, backend=cpu_backend), (x,),
-                                    fast_mode=fast)
+    for a in (x, x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)):
+        assert torch.autograd.gradcheck(lambda a: fm.bn_stat_loss(a, rm, rv, backend=cpu_backend), (a,),
+                                        fast_mode=fast)
 
 
 @pytest.mark.parametrize("cpu_backend", ["triton"], indirect=True)
@@ -313,7 +352,8 @@ def _opcheck_cases(backend):
     return [(req(x), labels, 2, "batchavg", True, 1e-5, True, backend),
             (req(xnc), labels, 2, "persample", True, 1e-5, False, backend),
             (req(xnc), labels, 2, "batchavg", False, 1e-5, True, backend),
-            (req(x), labels.new_zeros(0), 1, "pooled", False, 0.0, False, backend)]
+            (req(x), labels.new_zeros(0), 1, "pooled", False, 0.0, False, backend),
+            (req(xnc), labels.new_zeros(0), 1, "pooled", False, 0.0, False, backend)]  # channels_last
 
 
 @needs_cpp
@@ -325,6 +365,12 @@ def test_opcheck_native():
     g = torch.randn(2, 3)
     torch.library.opcheck(torch.ops.fastdd.feature_moments_backward.default,
                           (g, g, None, None, x, labels, out[0], out[4], out[5], 2, "persample", False, 1e-5, "cpp"))
+    for xp in (x, x.contiguous(memory_format=torch.channels_last)):  # pooled backward keeps the layout
+        none = labels.new_zeros(0)
+        out = torch.ops.fastdd.feature_moments(xp, none, 1, "pooled", False, 0.0, False, "cpp")
+        g = torch.randn(1, 3)
+        torch.library.opcheck(torch.ops.fastdd.feature_moments_backward.default,
+                              (g, g, None, None, xp, none, out[0], out[4], out[5], 1, "pooled", False, 0.0, "cpp"))
 
 
 @pytest.mark.parametrize("cpu_backend", ["triton"], indirect=True)
@@ -365,6 +411,24 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-7)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+@needs_cpp
+def test_compile_inductor_bn_stat_loss_channels_last():
+    """Inductor keeps the channels_last map (the op is tagged flexible_layout) and matches eager."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 6, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.randn(6, generator=g), torch.rand(6, generator=g) + 0.5
+
+    def f(a):
+        return fm.bn_stat_loss(torch.relu(a) * 2.0, rm, rv, var_weight=0.5, backend="cpp")
+
+    torch._dynamo.reset()
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    le = f(xe)
+    lc = torch.compile(f, fullgraph=True)(xc)
+    torch.testing.assert_close(lc, le)
+    torch.testing.assert_close(torch.autograd.grad(lc, xc)[0], torch.autograd.grad(le, xe)[0])
 
 
 @needs_cpp
