@@ -194,7 +194,8 @@ def sync(device) -> None:
 def make_call(fn: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], mode: str) -> Callable[[], object]:
     """A zero-argument callable measuring ``mode`` of ``fn``.
 
-    ``fn()`` returns a tensor computed from ``inputs`` (the tensors that get gradients).
+    ``fn()`` returns a tensor, or a tuple of tensors, computed from ``inputs`` (the tensors that get
+    gradients); the backward seeds every output with ones.
     fwd: ``fn()`` under ``no_grad`` only when no input requires grad, otherwise with autograd recording
     (what a training step pays); bwd: ``torch.autograd.grad`` of one saved forward (graph retained);
     fwd+bwd: both.
@@ -202,18 +203,22 @@ def make_call(fn: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], mo
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     inputs = list(inputs)
+
+    def as_tuple(out):
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
     if mode == "fwd":
         return fn
     if mode == "fwd+bwd":
         def fwd_bwd():
-            out = fn()
-            return torch.autograd.grad(out, inputs, torch.ones_like(out))
+            outs = as_tuple(fn())
+            return torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
         return fwd_bwd
-    out = fn()
-    grad = torch.ones_like(out)
+    outs = as_tuple(fn())
+    grads = [torch.ones_like(o) for o in outs]
 
     def bwd():
-        return torch.autograd.grad(out, inputs, grad, retain_graph=True)
+        return torch.autograd.grad(outs, inputs, grads, retain_graph=True)
     return bwd
 
 

@@ -45,7 +45,7 @@ cat "$DEST/environment.txt"
 if [ $DRY = 1 ]; then
     step build 5 $PY -c "import fastdd; print('dry-run: build skipped')"
     step tests_gpu 120 $PY -m pytest -q -m gpu --collect-only
-    for b in mmd moments infonce lowrank; do step "bench_$b" 60 $PY "benchmarks/$b.py" --help; done
+    for b in mmd moments infonce lowrank bn_eval_stats; do step "bench_$b" 60 $PY "benchmarks/$b.py" --help; done
     step bench_dm_iteration 240 $PY benchmarks/dm_iteration.py --device cpu --quick --shape 1x28x28 --ipc 1 \
         --repeats 1 --batch-real 8 --compile off --out "$RES"
     step bench_evaluate 240 $PY benchmarks/evaluate.py --device cpu --quick --epochs 1 --models 1 --compile off \
@@ -55,7 +55,7 @@ if [ $DRY = 1 ]; then
 else
     step build 100 $PY -m pip install -q --no-build-isolation --no-deps -e .
     step tests_gpu 75 $PY -m pytest -q -m gpu -x
-    for b in mmd moments infonce lowrank; do step "bench_$b" 30 $PY "benchmarks/$b.py" --device cuda --quick; done
+    for b in mmd moments infonce lowrank bn_eval_stats; do step "bench_$b" 30 $PY "benchmarks/$b.py" --device cuda --quick; done
     step bench_dm_iteration 80 $PY benchmarks/dm_iteration.py --device cuda --quick --out "$RES"
     step bench_evaluate 50 $PY benchmarks/evaluate.py --device cuda --quick --ipc 1 10 --epochs 100 --models 2 \
         --out "$RES"

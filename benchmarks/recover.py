@@ -99,7 +99,7 @@ def reference_iteration(side: int, batch: int, device: str, bn: str, variant: st
     net = frozen_teacher(side, device)
     if variant == "channels-last":
         net = net.to(memory_format=torch.channels_last)
-    reg = HookBNLoss(net) if bn == "hook" else BNStatisticsLoss(net, 10.0, 1.0)
+    reg = HookBNLoss(net) if bn == "hook" else BNStatisticsLoss(net, 10.0, 1.0, fused=False)
     amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=variant == "bf16")
     fmt = torch.channels_last if variant == "channels-last" else torch.contiguous_format
     g = torch.Generator(device=device).manual_seed(0)

@@ -14,6 +14,7 @@ from torch import nn
 from fastdd.crops import RecoverJitter
 from fastdd.data import ImageDataset
 from fastdd.matchers import BNStatisticsLoss
+from fastdd.matchers.bn_stats import FusedStatsBatchNorm2d
 from fastdd.methods import dwa as dwa_module
 from fastdd.methods import get
 from fastdd.methods.recover import unit_generator
@@ -56,7 +57,13 @@ def hook_reference_loss(model64: nn.Module, x64: torch.Tensor, first: float, var
 
 @pytest.mark.parametrize("model_name,size", [("ConvNetBN", 16), ("TVResNet18S", 8)])
 @pytest.mark.parametrize("var_weight", [1.0, 11.0])
-def test_bn_statistics_loss_and_gradient_match_float64_hook_reference(model_name, size, var_weight):
+@pytest.mark.parametrize("fused,channels_last", [(True, False), (True, True), (False, False), (False, True)],
+                         ids=["fused", "fused-channels_last", "prehook", "prehook-channels_last"])
+def test_bn_statistics_loss_and_gradient_match_float64_hook_reference(model_name, size, var_weight, fused,
+                                                                      channels_last):
+    """CE + L_BN and its gradient to the pixels against the float64 hook formulation, with the BN layers
+    fused with their statistics (``fused``) or captured by pre-hooks, NCHW or channels_last; ``remove``
+    gives the model back unchanged."""
     g = torch.Generator().manual_seed(3)
     kwargs = {"width": 16} if model_name == "ConvNetBN" else {}
     net = get_model(model_name, 3, 5, (size, size), generator=g, **kwargs).eval()
@@ -65,20 +72,30 @@ def test_bn_statistics_loss_and_gradient_match_float64_hook_reference(model_name
             m.running_mean.normal_(0, 0.5, generator=g)
             m.running_var.uniform_(0.5, 2.0, generator=g)
     net64 = copy.deepcopy(net).double()
+    keys = list(net.state_dict())
     x = torch.randn(6, 3, size, size, generator=g)
-    x32 = x.clone().requires_grad_(True)
-    bn = BNStatisticsLoss(net, first_multiplier=10.0, var_weight=var_weight)
-    net(x32)
-    loss = bn.loss()
+    y = torch.arange(6) % 5
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    x32 = x.clone().contiguous(memory_format=fmt).requires_grad_(True)
+    bn = BNStatisticsLoss(net, first_multiplier=10.0, var_weight=var_weight, fused=fused)
+    assert all(type(m) is (FusedStatsBatchNorm2d if fused else nn.BatchNorm2d) for m in bn.layers)
+    loss = F.cross_entropy(net(x32), y) + bn.loss()
     loss.backward()
     x64 = x.double().requires_grad_(True)
+    logits64 = []
+    h = net64.register_forward_hook(lambda _m, _i, out: logits64.append(out))
     ref = hook_reference_loss(net64, x64, 10.0, var_weight)
+    h.remove()
+    ref = ref + F.cross_entropy(logits64[0], y)
     ref.backward()
     assert loss.dtype == torch.float32
     assert abs(float(loss.detach()) - float(ref.detach())) <= 1e-5 * float(ref.detach())
     err = (x32.grad.double() - x64.grad).abs().max()
     assert err <= 1e-4 * x64.grad.abs().max(), float(err)
     assert len(bn.layers) == sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    bn.remove()
+    assert all(type(m) is nn.BatchNorm2d for m in bn.layers) and list(net.state_dict()) == keys
 
 
 def test_bn_loss_refuses_a_network_without_batchnorm():

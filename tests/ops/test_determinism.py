@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastdd.ops import _backend
+from fastdd.ops import bn_eval_stats as bes_ops
 from fastdd.ops import class_mmd as mmd_ops
 from fastdd.ops import feature_moments as fm_ops
 from fastdd.ops import infonce as nce_ops
@@ -103,6 +104,21 @@ def case_bn_stat_channels_last(dtype):
     return fn, (x.contiguous(memory_format=torch.channels_last),)
 
 
+def case_bn_eval_stats(layout):
+    """Both layouts; 6 x 13 x 5 = 390 rows of 7 channels: several channels_last row blocks."""
+    def make(dtype):
+        g = gen(7)
+        x = torch.randn(6, 7, 13, 5, generator=g, dtype=dtype).contiguous(memory_format=layout)
+        scale, shift = torch.randn(7, generator=g, dtype=dtype), torch.randn(7, generator=g, dtype=dtype)
+
+        def fn(t):
+            y, mean, var = bes_ops.bn_eval_stats(t, scale, shift, backend="cpp")
+            return torch.cat([(y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)).sum().view(1),
+                              mean * 3.0, var * -2.0])
+        return fn, (x,)
+    return make
+
+
 def case_lowrank(rank):
     def make(dtype):
         g = gen(6)
@@ -121,6 +137,8 @@ CASES = {
     "moments_persample": case_moments("persample"),
     "bn_stat_loss": case_bn_stat,
     "bn_stat_loss_channels_last": case_bn_stat_channels_last,
+    "bn_eval_stats_nchw": case_bn_eval_stats(torch.contiguous_format),
+    "bn_eval_stats_channels_last": case_bn_eval_stats(torch.channels_last),
     "lowrank_r3": case_lowrank(3),
     "lowrank_r11": case_lowrank(11),  # the runtime-rank kernels
 }
