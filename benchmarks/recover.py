@@ -9,10 +9,12 @@ per-channel clamp:
 * ``reference-hook`` (A): the reference's structure (SRe2L ``recover_cifar.py``): a forward hook per BN
   layer computing ``permute(1, 0, 2, 3).contiguous().view(C, -1).var(1, unbiased=False)`` plus the
   mean, eager, glibc's default allocator;
-* ``reference-fused``: A with the hook replaced by :class:`fastdd.matchers.BNStatisticsLoss` (a pre-hook
-  keeping a reference to each BN input, the fused ``bn_stat_loss`` op): isolates the BN statistics;
+* ``reference-fused``: A with the hook replaced by :class:`fastdd.matchers.BNStatisticsLoss` with
+  ``fused=False`` (a pre-hook keeping a reference to each BN input, the fused ``bn_stat_loss`` op):
+  isolates the BN statistics op;
 * ``fastdd`` (B): ``fastdd.methods.sre2l.SRe2L.step`` with the config ``fastdd distill`` uses
-  (``compile="auto"``, which compiles the teacher loss at 1000 steps per unit), inside
+  (``compile="auto"``, which compiles the teacher loss at 1000 steps per unit; ``memory_format="auto"``,
+  channels_last on a CPU; every BatchNorm fused with its statistics, ``fastdd.ops.bn_eval_stats``), inside
   :func:`fastdd.allocator.reuse_freed_memory` as ``Method.fit`` runs it;
 * ``fastdd-eager``: B with ``compile="off"``;
 * ``fastdd-contiguous``: B with ``memory_format="contiguous"`` (the NCHW teacher; ``auto`` is channels_last
