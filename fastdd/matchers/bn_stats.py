@@ -73,7 +73,7 @@ class BNStatisticsLoss:
         self.first_multiplier = float(first_multiplier)
         self.var_weight = float(var_weight)
         self.backend = backend
-        self.fused_backend = backend if backend in (None, "auto", "cpp", "closed_form", "torch") else None
+        self.fused_backend = backend if backend in (None, "auto", "triton", "cpp", "closed_form", "torch") else None
         self.inputs: List[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.stats: List[Optional[tuple]] = [None] * len(self.layers)
         self.enabled = True

@@ -23,13 +23,16 @@ Backends (``fastdd/ops/README.md``)
 ===========  ==================  =====================================================================
 backend      device              implementation
 ===========  ==================  =====================================================================
+triton       CUDA (CPU interp.)  ``kernels/bn_eval_stats.py``: [rows x channels] tiles in either layout,
+                                 fp32 tile sums added in float64 (fp16 / bf16 / fp32; fp64 takes
+                                 ``closed_form``)
 cpp          CPU                 ``csrc/bn_eval_stats/bn_eval_stats_cpu.cpp`` (OpenMP, deterministic:
                                  fixed row blocks reduced in double; float32 / float64, other dtypes
                                  take ``closed_form``)
 closed_form  anywhere            ATen ``addcmul`` forward + ``var_mean``, the hand-derived backward as
-                                 two ``addcmul`` passes: what CUDA runs (no Triton / CUDA kernel yet:
-                                 an automatic or ``FASTDD_BACKEND`` choice of triton / cuda lands here;
-                                 naming them in ``backend=`` is a BackendUnavailableError)
+                                 two ``addcmul`` passes (no CUDA C++ kernel: an automatic or
+                                 ``FASTDD_BACKEND`` choice of ``cuda`` lands here; naming it in
+                                 ``backend=`` is a BackendUnavailableError)
 torch        anywhere            :func:`bn_eval_stats_reference` differentiated by autograd
 ===========  ==================  =====================================================================
 
@@ -44,7 +47,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from fastdd.ops._backend import BackendUnavailableError, declare_closed_form, resolve_backend
+from fastdd.ops._backend import BackendUnavailableError, declare_closed_form, resolve_backend, triton_kernels
 from fastdd.ops._common import FLOAT_DTYPES, acc_dtype, check_backend_name, dispatch
 from fastdd.validation import check_tensor
 
@@ -117,9 +120,33 @@ def _native_bwd(gy: Tensor, x: Tensor, scale: Tensor, c0: Tensor, c1: Tensor) ->
     return torch.ops.fastdd_C.bn_eval_stats_backward(gy.to(dt), x, scale.to(dt), c0.to(dt), c1.to(dt))
 
 
-_FWD = {"cpp": _native_fwd, "closed_form": _closed_form_fwd}
-_IMPLEMENTED = ("cpp", "closed_form", "torch")
-_BWD = {"cpp": _native_bwd, "closed_form": _closed_form_bwd}
+def _triton_fwd(x: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
+    if x.dtype == torch.float64:
+        return _closed_form_fwd(x, scale, shift)
+    x = x.contiguous(memory_format=_layout(x))
+    y = torch.empty_like(x, memory_format=_layout(x))
+    return triton_kernels("bn_eval_stats").launch_forward(x, scale.float().contiguous(), shift.float().contiguous(),
+                                                          y, wrap=_launch_directly)
+
+
+def _triton_bwd(gy: Tensor, x: Tensor, scale: Tensor, c0: Tensor, c1: Tensor) -> Tensor:
+    if x.dtype == torch.float64:
+        return _closed_form_bwd(gy, x, scale, c0, c1)
+    fmt = _layout(x)
+    x = x.contiguous(memory_format=fmt)
+    dx = torch.empty_like(x, memory_format=fmt)
+    return triton_kernels("bn_eval_stats").launch_backward(gy.to(x.dtype).contiguous(memory_format=fmt), x,
+                                                           *(v.float().contiguous() for v in (scale, c0, c1)), dx,
+                                                           wrap=_launch_directly)
+
+
+def _launch_directly(kernel):
+    return kernel
+
+
+_FWD = {"cpp": _native_fwd, "closed_form": _closed_form_fwd, "triton": _triton_fwd}
+_BWD = {"cpp": _native_bwd, "closed_form": _closed_form_bwd, "triton": _triton_bwd}
+_IMPLEMENTED = ("triton", "cpp", "closed_form", "torch")
 
 
 # ------------------------------------------------------------------------------------------- custom ops
@@ -195,7 +222,7 @@ def bn_eval_stats(x: Tensor, scale: Tensor, shift: Tensor, *,
         raise BackendUnavailableError(f"backend: {backend!r} has no bn_eval_stats kernel (this op has "
                                       f"{list(_IMPLEMENTED)})")
     name = resolve_backend(_OP, x.device.type, backend)
-    if name not in _IMPLEMENTED:  # automatic / FASTDD_BACKEND choice of a kernel this op lacks (CUDA: triton)
+    if name not in _IMPLEMENTED:  # automatic / FASTDD_BACKEND choice of a kernel this op lacks (cuda)
         name = "closed_form"
     if name == "torch":
         return bn_eval_stats_reference(x, scale, shift)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from triton_interpreter import compile_for_gpu, run_triton_cases_in_child, select_cpu_backend
 
 from fastdd.ops import _backend
 from fastdd.ops import bn_eval_stats as bes
@@ -14,7 +15,13 @@ from fastdd.ops._backend import BackendUnavailableError
 
 HAS_CPP = _backend.native_has_op("bn_eval_stats")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="fastdd._C not built with the bn_eval_stats kernels")
-BACKENDS = [pytest.param("cpp", marks=needs_cpp), "closed_form", "torch"]
+BACKENDS = ["cpp", "closed_form", "torch", "triton"]  # triton: in the TRITON_INTERPRET=1 child pytest
+
+
+@pytest.fixture
+def backend(request):
+    """Parametrised backend name; skips cpp without the extension and triton outside the interpreter."""
+    return select_cpu_backend(request.param, HAS_CPP, "bn_eval_stats")
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 # general, odd H x W, C = 1, H = W = 1, one sample, more rows than one channels_last block (128)
 SHAPES = [(5, 6, 7, 3), (3, 4, 9, 11), (4, 1, 5, 5), (7, 5, 1, 1), (1, 3, 2, 3), (3, 5, 13, 9)]
@@ -40,7 +47,7 @@ def forward_backward(x, scale, shift, seed=1, **kw):
     return (y, mean, var, *torch.autograd.grad(loss, leaves))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_float64_reference(backend, layout, shape):
@@ -61,11 +68,11 @@ def test_matches_float64_reference(backend, layout, shape):
         assert got[3].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in BACKENDS for d in (torch.float16, torch.bfloat16)
+                                           if not (b == "triton" and d == torch.bfloat16)], indirect=["backend"])
 def test_low_precision_inputs(backend, dtype):
-    """Half inputs (the C++ kernel takes float32 / float64; cpp runs them through closed_form): y in the
-    input dtype, statistics in float32, close to float64."""
+    """Half inputs (the C++ kernel takes float32 / float64; cpp runs them through closed_form; the Triton
+    interpreter runs fp32 / fp16 only): y in the input dtype, statistics in float32, close to float64."""
     x, scale, shift = inputs((4, 3, 5, 6), dtype=dtype)
     y, mean, var = bes.bn_eval_stats(x, scale, shift, backend=backend)
     y64, m64, v64 = bes.bn_eval_stats_reference(x.double(), scale.double(), shift.double())
@@ -90,9 +97,10 @@ def test_large_mean_keeps_the_variance():
         torch.testing.assert_close(var.double(), v64, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["cpp", "closed_form", "torch"], indirect=True)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_gradcheck_float64(backend, layout):
+    """(triton takes float64 through closed_form; its fp32 gradients are checked against float64 above)"""
     x, scale, shift = inputs((3, 4, 5, 3), dtype=torch.float64, layout=layout)
     leaves = [t.clone().requires_grad_(True) for t in (x, scale, shift)]
     assert torch.autograd.gradcheck(lambda a, s, t: bes.bn_eval_stats(a, s, t, backend=backend), leaves)
@@ -159,6 +167,56 @@ def test_compile_fullgraph_inductor_matches_eager(layout):
     torch.testing.assert_close(torch.autograd.grad(lc, xc)[0], torch.autograd.grad(le, xe)[0])
 
 
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_opcheck_triton(backend):
+    """Schema and autograd registration (the interpreter cannot run on fake tensors)."""
+    for layout in LAYOUTS:
+        x, scale, shift = inputs((3, 4, 5, 3), layout=layout)
+        torch.library.opcheck(torch.ops.fastdd.bn_eval_stats.default,
+                              (x.requires_grad_(True), scale, shift, "triton"),
+                              test_utils=("test_schema", "test_autograd_registration"))
+
+
+def test_triton_interpreter_subprocess():
+    run_triton_cases_in_child(__file__)
+
+
+def test_triton_kernels_compile_for_gpu(monkeypatch, tmp_path):
+    """Ahead-of-time compile of both Triton kernels to PTX for sm_90 (no GPU needed), fp32 and bf16."""
+    def specs():
+        k = _backend.triton_kernels("bn_eval_stats")
+        c = "constexpr"
+        geometry = {"M": "i32", "C": "i32", "P": "i32", "sN": "i32", "sC": "i32", "sP": "i32"}
+        consts = {"BLOCK_M": k.BLOCK_M, "BLOCK_C": k.BLOCK_C}
+        out = []
+        for dt in ("fp32", "bf16"):
+            out += [
+                (k._forward_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+                                     "part_ptr": "*fp32", **geometry, "BLOCK_M": c, "BLOCK_C": c}, consts),
+                (k._backward_kernel, {"gy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "scale_ptr": "*fp32",
+                                      "c0_ptr": "*fp32", "c1_ptr": "*fp32", **geometry, "BLOCK_M": c, "BLOCK_C": c},
+                 consts),
+            ]
+        return out
+
+    compile_for_gpu(specs, monkeypatch, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("gpu_backend", ["triton", "closed_form"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_gpu_matches_float64_and_opcheck(gpu_backend, layout):
+    x, scale, shift = (t.cuda() for t in inputs((6, 40, 9, 7), layout=layout))
+    ref = forward_backward(x.double(), scale.double(), shift.double(), fn=bes.bn_eval_stats_reference)
+    got = forward_backward(x, scale, shift, backend=gpu_backend)
+    for name, o, r in zip(("y", "mean", "var", "dx", "dscale", "dshift"), got, ref):
+        torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()),
+                                   msg=lambda m, name=name: f"{gpu_backend} {name}: {m}")
+    torch.library.opcheck(torch.ops.fastdd.bn_eval_stats.default,
+                          (x.requires_grad_(True), scale, shift, gpu_backend))
+
+
 def test_bad_inputs_name_the_argument():
     x, scale, shift = inputs((3, 4, 5, 3))
     with pytest.raises(ValueError, match=r"^x: "):
@@ -172,6 +230,6 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match=r"^shift: "):
         bes.bn_eval_stats(x, scale, shift.view(2, 2))
     with pytest.raises(BackendUnavailableError, match="backend"):
-        bes.bn_eval_stats(x, scale, shift, backend="triton")
+        bes.bn_eval_stats(x, scale, shift, backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         bes.bn_eval_stats(x, scale, shift, backend="fast")
