@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -54,8 +54,31 @@ class _LazyOption:
                                                                      "memory (off), or on above 2 GiB of pixels (auto)"})
 
 
+@dataclasses.dataclass(kw_only=True)
+class _ImageSizeOption:
+    """The ``--image-size`` option of the commands that read a dataset (:func:`_load_data`)."""
+
+    image_size: str = dataclasses.field(default="", metadata={
+        "help": "resize every image to S x S or H x W (S or HxW; default: image folders take the first training "
+                "image's size, evaluate the set's size; the other splits follow the training split)"})
+
+
+def parse_image_size(text: str) -> Optional[Tuple[int, int]]:
+    """``--image-size``: "" -> None, "S" -> (S, S), "HxW" -> (H, W); anything else is a UsageError."""
+    if not text:
+        return None
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) not in (1, 2) or min(size, default=0) < 1:
+        raise UsageError(f"--image-size: expected S or HxW with positive integers (e.g. 224 or 32x48), got {text!r}")
+    return (size[0], size[-1])
+
+
 @dataclasses.dataclass
-class DistillRun(_RunBase, _LazyOption):
+class DistillRun(_RunBase, _LazyOption, _ImageSizeOption):
     """Run options of ``fastdd distill`` (``--lazy``: only the SRe2L family reads a lazy training split; for
     the other methods ``auto`` means in memory)."""
 
@@ -67,22 +90,23 @@ class DistillRun(_RunBase, _LazyOption):
 
 
 @dataclasses.dataclass
-class PretrainRun(_RunBase):
+class PretrainRun(_RunBase, _ImageSizeOption):
     """Run options of ``fastdd pretrain``."""
 
     progress: bool = True  # per-expert progress bar
 
 
 @dataclasses.dataclass
-class SqueezeRun(_RunBase):
-    """Run options of ``fastdd squeeze``."""
+class SqueezeRun(_RunBase, _LazyOption, _ImageSizeOption):
+    """Run options of ``fastdd squeeze`` (``--lazy``: image folders decoded batch by batch, the same weights)."""
 
     progress: bool = True  # one log line per epoch
     test_accuracy: bool = True  # measure the teacher's accuracy on the test split at the end
+    workers: int = 0  # DataLoader processes decoding a lazy image folder
 
 
 @dataclasses.dataclass
-class ContinualRun(_RunBase):
+class ContinualRun(_RunBase, _ImageSizeOption):
     """Run options of ``fastdd continual``."""
 
     method: str = "dm"  # the distillation method of every step
@@ -92,7 +116,7 @@ class ContinualRun(_RunBase):
 
 
 @dataclasses.dataclass
-class EvaluateRun(_LazyOption):
+class EvaluateRun(_LazyOption, _ImageSizeOption):
     """Run options of ``fastdd evaluate``."""
 
     dir: str = dataclasses.field(metadata={"help": "directory written by `fastdd distill`", "positional": True})
@@ -174,18 +198,27 @@ def load_run_state(path: Path, identity: dict, method_cls):
     return unwrap_state(load(path), identity, path, ignore=method_cls.execution_fields, defaults=LEGACY_DEFAULTS)
 
 
-def _load_data(name: str, root, *splits, lazy: str = "off"):
+def _load_data(name: str, root, *splits, lazy: str = "off", image_size: str = ""):
     """The ``splits`` of dataset ``name``; image folders per ``--lazy`` (``auto`` | ``on`` | ``off``:
-    :data:`LAZY_CHOICES`), array formats always in memory."""
+    :data:`LAZY_CHOICES`), array formats always in memory. ``image_size`` (``--image-size``: S or HxW)
+    resizes; without it the splits of an image folder after the first take the first split's size (each
+    would otherwise take its own first file's)."""
     from .data import load_dataset
     from .data.registry import FILE_TREES, canonical_name
 
     if lazy not in LAZY_CHOICES:
         raise UsageError(f"--lazy: expected one of {', '.join(LAZY_CHOICES)}, got {lazy!r}")
     mode = LAZY_CHOICES[lazy]
-    if mode is not False and user_errors("--dataset", canonical_name, name) not in FILE_TREES:
+    tree = user_errors("--dataset", canonical_name, name) in FILE_TREES
+    if mode is not False and not tree:
         mode = False  # array formats are small and always in memory
-    return [user_errors("--dataset", load_dataset, name, split, root=root, lazy=mode) for split in splits]
+    size = parse_image_size(image_size)
+    out = []
+    for split in splits:
+        out.append(user_errors("--dataset", load_dataset, name, split, root=root, lazy=mode, image_size=size))
+        if tree and size is None:
+            size = tuple(out[0].image_size)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -284,7 +317,8 @@ def _distill(args, method_cls, config, device, out: Path, ctx) -> int:
     from .checkpoint import load, run_identity, save_atomic, unwrap_state, wrap_state
     from .synset import remove_jpeg_folder, save_jpeg_folder, save_synset, synset_images
 
-    (train,) = _load_data(args.dataset, args.data_path, "train", lazy=_distill_lazy(args.lazy, method_cls))
+    (train,) = _load_data(args.dataset, args.data_path, "train", lazy=_distill_lazy(args.lazy, method_cls),
+                          image_size=args.image_size)
     shard = {} if ctx is None else {"shard": (ctx.rank, ctx.world)}  # a shard reads only its initial images
     method = user_errors("", method_cls, config, train, device=device, **shard)
     identity = run_identity("distill", method_cls.name, config.to_dict(), train)
@@ -385,7 +419,8 @@ def _evaluate(args, given: dict, cfg, device, ctx) -> int:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
     # the kd preset (auto: by the set's dataset and image size) fills the kd fields no flag or store set
     cfg = flag_errors(cfg.resolved, str(meta.get("dataset", "")), tuple(syn["images"].shape[2:]))
-    train, test = _load_eval_data(meta["dataset"], args.data_path, args.lazy)
+    train, test = _load_eval_data(meta["dataset"], args.data_path, args.lazy,
+                                  args.image_size or _tree_size(meta["dataset"], syn["images"]))
     if store is not None:
         _check_store(store, syn, cfg, train, needs_teacher=args.baseline)
     elif cfg.protocol == "kd":
@@ -416,10 +451,22 @@ def _evaluate(args, given: dict, cfg, device, ctx) -> int:
     return 0
 
 
-def _load_eval_data(name: str, root, lazy: str):
+def _load_eval_data(name: str, root, lazy: str, image_size: str = ""):
     """The train and test splits for ``evaluate``; image folders per ``--lazy`` (a lazy test split is
     streamed with ``--workers`` DataLoader workers, a lazy train split only feeds the baseline)."""
-    return _load_data(name, root, "train", "test", lazy=lazy)
+    return _load_data(name, root, "train", "test", lazy=lazy, image_size=image_size)
+
+
+def _tree_size(name: str, images: torch.Tensor) -> str:
+    """``evaluate``'s default ``--image-size``: the set's H x W for an image-folder dataset (read at that
+    size), "" for the array formats (read as stored)."""
+    from .data.registry import FILE_TREES, canonical_name
+
+    try:
+        tree = canonical_name(name) in FILE_TREES
+    except (KeyError, ValueError):
+        return ""
+    return f"{images.shape[-2]}x{images.shape[-1]}" if tree else ""
 
 
 def _check_store(store, syn, cfg, train, needs_teacher: bool) -> None:
@@ -514,7 +561,7 @@ def cmd_pretrain(args, _method_cls=None) -> int:
     from .experts import META_FILE, PretrainConfig, check_resume, pretrain_experts
 
     cfg, device, out = run_setup(PretrainConfig, args, markers=(META_FILE,))
-    (train,) = _load_data(args.dataset, args.data_path, "train")
+    (train,) = _load_data(args.dataset, args.data_path, "train", image_size=args.image_size)
     prepare_out(out, args.force, patterns=PRETRAIN_FILES + (META_FILE,))
     start = time.perf_counter()
     if args.resume:
@@ -532,14 +579,16 @@ def cmd_squeeze(args, _method_cls=None) -> int:
     from .squeeze import SqueezeConfig, check_resume, squeeze
 
     cfg, device, out = run_setup(SqueezeConfig, args, markers=("teacher.json",))
-    train, test = _load_data(args.dataset, args.data_path, "train", "test") if args.test_accuracy else \
-        (*_load_data(args.dataset, args.data_path, "train"), None)
+    splits = ("train", "test") if args.test_accuracy else ("train",)
+    train, test = (*_load_data(args.dataset, args.data_path, *splits, lazy=args.lazy, image_size=args.image_size),
+                   None)[:2]
     user_errors("", get_model_check, cfg.model, train)
     if args.resume:
         user_errors("", check_resume, out, train, cfg)
     prepare_out(out, args.force, patterns=SQUEEZE_FILES)
     start = time.perf_counter()
-    squeeze(train, cfg, out, test=test, device=device, resume=args.resume, progress=args.progress)
+    squeeze(train, cfg, out, test=test, device=device, resume=args.resume, progress=args.progress,
+            workers=args.workers)
     meta = json.loads((out / "teacher.json").read_text())
     acc = meta.get("test_accuracy")
     print(f"wrote {out / 'teacher.pt'} ({cfg.model}, {meta['epochs_done']} epochs, test accuracy "
@@ -574,7 +623,7 @@ def cmd_continual(args, method_cls) -> int:
     ev = make_config(EvalConfig, dict(ev_values, dsa_strategy=config.dsa_strategy))
     device = check_device(args.device)
     out = check_out(args.out, args.resume, args.force)
-    train, test = _load_data(args.dataset, args.data_path, "train", "test")
+    train, test = _load_data(args.dataset, args.data_path, "train", "test", image_size=args.image_size)
     if args.train_per_class:
         train = user_errors("--train-per-class", stratified_subset, train, args.train_per_class,
                             torch.Generator().manual_seed(config.seed))

@@ -15,6 +15,14 @@ Output directory ``DIR``::
 
 Randomness: one ``torch.Generator`` seeded with ``seed`` draws the initialisation, the shuffles and the
 augmentation, so a run killed after any epoch and resumed gives bit-identical weights (deterministic device).
+
+A lazily read image folder (:class:`~fastdd.data.LazyImageFolder`, ``--lazy``: ImageNet's 1.28 M training
+images never sit in memory) trains with the same draws: each epoch's shuffle is drawn as for a tensor, the
+batches of file indices are decoded by a ``DataLoader`` (``workers`` processes, in order), and the crop / flip
+is drawn in the main process per batch, so the weights equal those of the in-memory run of the same pixels
+(the ``pil`` decoder reproduces the in-memory reader). ``train_subset`` draws the same rows
+(:meth:`LazyImageFolder.sample_indices` is :class:`~fastdd.data.ClassSampler`'s draw), and a lazy test split
+is streamed for the final accuracy.
 """
 from __future__ import annotations
 
@@ -81,35 +89,60 @@ def _meta(train: ImageDataset, cfg: SqueezeConfig, epochs_done: int, accuracy: O
             "epochs_done": epochs_done, "test_accuracy": accuracy}
 
 
+def _train_step(net, optimizer, x: torch.Tensor, y: torch.Tensor, cfg: SqueezeConfig,
+                generator: torch.Generator) -> float:
+    """Augment one batch x [B, C, H, W] (draws from ``generator``), one SGD step on CE; returns the loss."""
+    if cfg.crop_padding or cfg.flip:
+        x = random_crop_flip(x, generator, padding=cfg.crop_padding, flip=cfg.flip)
+    loss = F.cross_entropy(net(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def train_epoch(net, optimizer, images: torch.Tensor, labels: torch.Tensor, cfg: SqueezeConfig,
                 generator: torch.Generator) -> float:
     """One shuffled pass over images [N, C, H, W] / labels [N]; returns the mean mini-batch loss."""
     n = images.shape[0]
     order = torch.randperm(n, generator=generator, device=generator.device).to(images.device)
-    total, steps = 0.0, 0
     net.train()
-    for start in range(0, n, cfg.batch_size):
-        idx = order[start:start + cfg.batch_size]
-        x = images[idx]
-        if cfg.crop_padding or cfg.flip:
-            x = random_crop_flip(x, generator, padding=cfg.crop_padding, flip=cfg.flip)
-        loss = F.cross_entropy(net(x), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach())
-        steps += 1
-    return total / max(steps, 1)
+    losses = [_train_step(net, optimizer, images[idx], labels[idx], cfg, generator)
+              for idx in order.split(cfg.batch_size)]
+    return sum(losses) / max(len(losses), 1)
+
+
+def train_epoch_lazy(net, optimizer, dataset, rows: torch.Tensor, cfg: SqueezeConfig, generator: torch.Generator,
+                     device, workers: int = 0) -> float:
+    """:func:`train_epoch` over the rows [n] (int64 indices) of a lazily read ``dataset``: the same shuffle and
+    augmentation draws, each batch's files decoded by a ``DataLoader`` with ``workers`` processes."""
+    from torch.utils.data import DataLoader
+
+    order = torch.randperm(rows.numel(), generator=generator, device=generator.device).cpu()
+    batches = [rows[idx].tolist() for idx in order.split(cfg.batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                        pin_memory=torch.device(device).type == "cuda")
+    net.train()
+    losses = [_train_step(net, optimizer, x.to(device, non_blocking=True), y.to(device), cfg, generator)
+              for x, y in loader]
+    return sum(losses) / max(len(losses), 1)
 
 
 @torch.no_grad()
-def accuracy(net, test: ImageDataset, device, batch_size: int = 500) -> float:
-    """Top-1 accuracy (fraction) of ``net`` in eval mode on ``test``."""
+def accuracy(net, test, device, batch_size: int = 500, workers: int = 0) -> float:
+    """Top-1 accuracy (fraction) of ``net`` in eval mode on ``test`` (in memory, or a lazy split streamed
+    through a ``DataLoader`` with ``workers`` processes)."""
+    from .data import is_lazy
+    from .data.lazy import make_loader
+
     net.eval()
+    if is_lazy(test):
+        batches = make_loader(test, batch_size, workers, device)
+    else:
+        batches = zip(test.images.split(batch_size), test.labels.split(batch_size))
     hits = 0
-    for start in range(0, len(test), batch_size):
-        x = test.images[start:start + batch_size].to(device)
-        hits += int((net(x).argmax(1) == test.labels[start:start + batch_size].to(device)).sum())
+    for x, y in batches:
+        hits += int((net(x.to(device)).argmax(1) == y.to(device)).sum())
     return hits / len(test)
 
 
@@ -120,24 +153,33 @@ def check_resume(out_dir, train: ImageDataset, cfg: SqueezeConfig) -> None:
 
 
 @reuse_freed_memory()
-def squeeze(train: ImageDataset, cfg: SqueezeConfig, out_dir, *, test: Optional[ImageDataset] = None,
-            device="cpu", resume: bool = False, progress: bool = True,
-            on_epoch: Optional[Callable[[int], None]] = None) -> Path:
+def squeeze(train, cfg: SqueezeConfig, out_dir, *, test=None, device="cpu", resume: bool = False,
+            progress: bool = True, on_epoch: Optional[Callable[[int], None]] = None, workers: int = 0) -> Path:
     """Train the teacher into ``out_dir`` (module docstring); returns the directory.
 
-    ``test``: if given, the final test accuracy is recorded in ``teacher.json``. ``on_epoch(epochs_done)``
-    is called after each epoch's checkpoint (tests use it to interrupt a run)."""
+    ``train`` / ``test``: :class:`~fastdd.data.ImageDataset` or :class:`~fastdd.data.LazyImageFolder`
+    (``workers`` DataLoader processes decode a lazy one). ``test``: if given, the final test accuracy is
+    recorded in ``teacher.json``. ``on_epoch(epochs_done)`` is called after each epoch's checkpoint (tests
+    use it to interrupt a run)."""
+    from .data import is_lazy
+
+    check_positive_int("workers", workers, minimum=0)
     cfg.validate()
     device = torch.device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         check_resume(out, train, cfg)
+    lazy = is_lazy(train)
     data = train
-    if cfg.train_subset:
-        data = stratified_subset(train, cfg.train_subset // train.num_classes,
-                                 torch.Generator().manual_seed(cfg.seed))
-    data = data.to(device)
+    if lazy:  # the rows to train on; the same draw as stratified_subset
+        rows = torch.arange(len(train)) if not cfg.train_subset else train.sample_indices(
+            cfg.train_subset // train.num_classes, torch.Generator().manual_seed(cfg.seed)).reshape(-1)
+    else:
+        if cfg.train_subset:
+            data = stratified_subset(train, cfg.train_subset // train.num_classes,
+                                     torch.Generator().manual_seed(cfg.seed))
+        data = data.to(device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     net = get_model(cfg.model, data.channels, data.num_classes, data.image_size, generator=g).to(device)
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
@@ -162,7 +204,10 @@ def squeeze(train: ImageDataset, cfg: SqueezeConfig, out_dir, *, test: Optional[
     while epoch < cfg.epochs:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(cfg.lr, epoch, cfg.epochs)
-        loss = train_epoch(net, optimizer, data.images, data.labels, cfg, g)
+        if lazy:
+            loss = train_epoch_lazy(net, optimizer, train, rows, cfg, g, device, workers)
+        else:
+            loss = train_epoch(net, optimizer, data.images, data.labels, cfg, g)
         epoch += 1
         save_atomic({"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                      "generator": g.get_state()}, state_path)
@@ -171,7 +216,7 @@ def squeeze(train: ImageDataset, cfg: SqueezeConfig, out_dir, *, test: Optional[
                   f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
         if on_epoch is not None:
             on_epoch(epoch)
-    acc = accuracy(net, test, device) if test is not None else None
+    acc = accuracy(net, test, device, workers=workers) if test is not None else None
     save_atomic({k: v.detach().cpu() for k, v in net.state_dict().items()}, out / TEACHER_FILE)
     atomic_write(out / TEACHER_META, lambda tmp: Path(tmp).write_text(json.dumps(_meta(train, cfg, epoch, acc),
                                                                                  indent=2) + "\n"))

@@ -127,3 +127,46 @@ def test_cli_squeeze_then_teacher_errors(tmp_path, fmnist, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("subset,workers", [(0, 0), (6, 2)], ids=["all-rows", "subset-2-workers"])
+def test_lazy_image_folder_squeeze_equals_in_memory(tmp_path, subset, workers):
+    """A lazily read JPEG tree (``--lazy on``: batches decoded by DataLoader workers) trains the same teacher,
+    bit for bit, as the in-memory read of the same pixels: same shuffles, crops and flips, same subset rows;
+    the lazy test split is streamed for the accuracy."""
+    from helpers import make_tree
+
+    from fastdd.data import LazyImageFolder, load_dataset
+
+    root = make_tree(tmp_path / "tree", per_class=(5, 6, 5), val_per_class=3)
+    kw = dict(root=root, image_size=(12, 12), decoder="pil")
+    eager = [load_dataset("imagefolder", s, **kw) for s in ("train", "test")]
+    lazy = [load_dataset("imagefolder", s, lazy=True, **kw) for s in ("train", "test")]
+    assert all(isinstance(d, LazyImageFolder) for d in lazy)
+    cfg = SqueezeConfig(model="ConvNetBN", epochs=2, batch_size=5, lr=0.05, train_subset=subset, seed=3)
+    outs = {}
+    for name, (train, test) in (("eager", eager), ("lazy", lazy)):
+        out = squeeze(train, cfg, tmp_path / name, test=test, progress=False, workers=workers)
+        outs[name] = (torch.load(out / "teacher.pt"), json.loads((out / "teacher.json").read_text()))
+    for key, value in outs["eager"][0].items():
+        assert torch.equal(outs["lazy"][0][key], value), key
+    assert outs["lazy"][1]["test_accuracy"] == outs["eager"][1]["test_accuracy"]
+
+
+def test_cli_squeeze_lazy_folder(tmp_path, capsys):
+    """``--lazy on --workers 1`` on a tree of JPEGs of several sizes: without ``--image-size`` the test split
+    is read at the training split's size (each split would otherwise take its own first file's); with it,
+    every image is resized to it; a malformed size is a usage error naming the flag."""
+    from helpers import make_tree
+
+    root = make_tree(tmp_path / "tree", per_class=(4, 4, 4), val_per_class=2)
+    argv = ["squeeze", "--dataset", "imagefolder", "--data-path", str(root), "--model", "ConvNetBN", "--epochs",
+            "1", "--batch-size", "4", "--lazy", "on", "--workers", "1", "--device", "cpu", "--no-progress"]
+    for name, extra in (("t", []), ("t16", ["--image-size", "16x12"])):
+        assert main(argv + ["--out", str(tmp_path / name)] + extra) == 0
+        meta = json.loads((tmp_path / name / "teacher.json").read_text())
+        assert meta["epochs_done"] == 1 and meta["test_accuracy"] is not None
+    assert meta["image_size"] == [16, 12]
+    for bad in ("16x", "0", "ax3", "2x3x4"):
+        assert main(argv + ["--out", str(tmp_path / "bad"), "--image-size", bad]) == 2
+        assert "--image-size" in capsys.readouterr().err
