@@ -614,13 +614,17 @@ def cmd_continual(args, method_cls) -> int:
     from .checkpoint import atomic_write
     from .continual import ContinualConfig, check_inputs, format_table, run_continual
     from .data import stratified_subset
-    from .evaluate import EvalConfig
+    from .evaluate import EvalConfig, protocol_config
 
     config = make_config(method_cls.config_cls, values_from_args(method_cls.config_cls, args))
     cl = make_config(ContinualConfig, dict(values_from_args(ContinualConfig, args, skip=("seed",)), seed=config.seed))
     ev_values = values_from_args(EvalConfig, args, prefix="eval_", skip=CONTINUAL_EVAL_SKIP)
     ev_values.setdefault("model", config.model)
-    ev = make_config(EvalConfig, dict(ev_values, dsa_strategy=config.dsa_strategy))
+    protocol = ev_values.pop("protocol", "dm") or "dm"
+    if protocol == "kd":
+        raise UsageError("--eval-protocol kd: continual has no teacher to distil soft labels from; use dm or idc")
+    # the protocol's own defaults (idc: its epochs, lr schedule, CutMix, augmentation), then the flags given
+    ev = make_config(protocol_config, dict(ev_values, name=protocol, dsa_strategy=config.dsa_strategy))
     device = check_device(args.device)
     out = check_out(args.out, args.resume, args.force)
     train, test = _load_data(args.dataset, args.data_path, "train", "test", image_size=args.image_size)

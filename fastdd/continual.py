@@ -15,9 +15,10 @@ Protocol (DM's CL setup, also used by the low-rank plugin paper; reference ``CL_
   future or past raw data), and it is what this module does.
 - The memory at step t is the union of the per-step sets of steps 0..t (labels global, class-major by
   step). A fresh network (``EvalConfig.model``, K output logits as in the reference) is trained from
-  scratch on the memory with the DM evaluation protocol (:func:`fastdd.evaluate.train_stacked`: SGD lr
-  0.01, momentum 0.9, wd 5e-4, batch 256, DSA on every mini-batch, lr x0.1 at half the epochs) and
-  tested on the test images of all seen classes. ``EvalConfig.num_models`` models per order and step
+  scratch on the memory with the evaluation protocol of ``EvalConfig.protocol`` (:func:`fastdd.evaluate.
+  train_stacked`; default ``dm``: SGD lr 0.01, momentum 0.9, wd 5e-4, batch 256, DSA on every mini-batch,
+  lr x0.1 at half the epochs; ``idc``: IDC's loop, the last epoch's accuracy is reported; ``kd`` needs a
+  teacher and is refused) and tested on the test images of all seen classes. ``EvalConfig.num_models`` models per order and step
   (reference: 3); the report gives mean +- std per step over orders x models (reference: 15 values).
 - Random-buffer baseline: per step, ``ipc`` random real training images of each new class (the
   reference's "random" method), trained and tested identically. The baseline models start from the same
@@ -216,6 +217,11 @@ def check_inputs(train: ImageDataset, test: ImageDataset, cfg: ContinualConfig, 
 
 
 # ----------------------------------------------------------------------------------------- run
+def _last_epoch(accs: torch.Tensor) -> torch.Tensor:
+    """[M] accuracies after the last epoch: the idc protocol's [M, P] checkpoints end with it."""
+    return accs[:, -1] if accs.dim() == 2 else accs
+
+
 def run_continual(
     method_name: str,
     method_config,
@@ -238,6 +244,9 @@ def run_continual(
     ``distill_seconds``, ``eval_seconds``), ``summary`` (per step mean +- std over orders x models),
     ``timings`` (totals).
     """
+    if eval_cfg.protocol == "kd":
+        raise ValueError("eval_cfg.protocol: kd needs a teacher, which the continual protocol does not have; "
+                         "use dm or idc")
     from . import methods
 
     cls = methods.get(method_name)
@@ -301,9 +310,10 @@ def run_continual(
                 sides.append((buffer, torch.Generator(device=device).manual_seed(
                     derived_seed(cfg.seed, order_seed, t, 4))))
             accs = torch.cat([
-                train_stacked(mem.images.unsqueeze(0).expand(m, *mem.images.shape),
-                              mem.labels.unsqueeze(0).expand(m, -1), test_seen.images, test_seen.labels, k, ecfg,
-                              dataset_name=train.name, model_seeds=model_seeds, generator=gen)
+                _last_epoch(train_stacked(mem.images.unsqueeze(0).expand(m, *mem.images.shape),
+                                          mem.labels.unsqueeze(0).expand(m, -1), test_seen.images, test_seen.labels,
+                                          k, ecfg, dataset_name=train.name, model_seeds=model_seeds, generator=gen,
+                                          protocol=ecfg.protocol))
                 for mem, gen in sides])
             accs = (accs * 100).tolist()
             eval_s = time.perf_counter() - t1

@@ -184,3 +184,42 @@ def test_cli_continual_writes_json_and_table(tmp_path, capsys):
     assert res["orders"][0]["class_order"] == class_orders(10, [0])[0]
     assert "random buffer" in (out / "continual.md").read_text() and "random buffer" in capsys.readouterr().out
     assert main(["continual", "--dataset", "digits", "--classes-per-step", "3", "--out", str(out)]) == 2
+
+
+def test_eval_protocol_reaches_the_training_loop(monkeypatch):
+    """``EvalConfig.protocol`` chooses the loop the memories are trained with (it was always the DM loop): idc's
+    per-checkpoint accuracies are reduced to the last epoch's; kd (no teacher) is refused."""
+    from fastdd import continual as cl_module
+
+    seen = []
+    real = cl_module.train_stacked
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("protocol"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cl_module, "train_stacked", spy)
+    train = _toy(num_classes=4, per_class=10)
+    dm = get("dm")
+    cfg = dm.config_cls(ipc=1, iterations=1, batch_real=4, model="ConvNetW32", dsa=False)
+    cl = ContinualConfig(orders=1, classes_per_step=2, max_steps=1)
+    ev = EvalConfig(model="ConvNetW32", num_models=2, epochs=4, faithful_epochs=False, dsa=False, protocol="idc",
+                    eval_every=2, batch_size=4)
+    res = run_continual("dm", cfg, train, train, cl, ev)
+    assert seen == ["idc", "idc"]  # memory and buffer
+    assert len(res["orders"][0]["steps"][0]["method_accuracies"]) == 2
+    with pytest.raises(ValueError, match="eval_cfg.protocol: kd"):
+        run_continual("dm", cfg, train, train, cl, dataclasses.replace(ev, protocol="kd"))
+
+
+def test_cli_continual_eval_protocol_idc_takes_its_defaults(tmp_path):
+    from fastdd.cli import main
+
+    out = tmp_path / "cl"
+    base = ["continual", "--method", "dm", "--dataset", "digits", "--ipc", "1", "--iterations", "1", "--batch-real",
+            "4", "--model", "ConvNetW32", "--epochs", "2", "--models", "1", "--orders", "1", "--max-steps", "1",
+            "--test-per-class", "3", "--no-dsa", "--device", "cpu"]
+    assert main(base + ["--eval-protocol", "idc", "--out", str(out)]) == 0
+    ev = json.loads((out / "continual.json").read_text())["config"]["eval"]
+    assert ev["protocol"] == "idc" and ev["cutmix_p"] == 0.5 and ev["batch_size"] == 64 and ev["epochs"] == 2
+    assert main(base + ["--eval-protocol", "kd", "--out", str(tmp_path / "kd")]) == 2
