@@ -1,5 +1,5 @@
 """Helpers shared by the tests: the method-quality assertion, a generated ImageNet-layout tree of real
-image files, and a counter of the image folders' decodes."""
+image files, a counter of the image folders' decodes, torchrun launching, the compiled-vs-eager check of the ops."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def assert_beats_initial_subset(method, train, test, cfg, margin: float, test_size: int = 200) -> dict:
@@ -119,3 +120,14 @@ def torchrun(args, nproc=2, extra_env=None, timeout=300) -> subprocess.Completed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def assert_compiled_matches_eager(f, x: torch.Tensor) -> None:
+    """``torch.compile(f, fullgraph=True)`` (inductor) gives eager's value of the 0-d ``f(x)`` and its gradient with
+    respect to x (dynamo reset first; two fresh leaves with x's layout)."""
+    torch._dynamo.reset()
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    le = f(xe)
+    lc = torch.compile(f, fullgraph=True)(xc)
+    torch.testing.assert_close(lc, le)
+    torch.testing.assert_close(torch.autograd.grad(lc, xc)[0], torch.autograd.grad(le, xe)[0])

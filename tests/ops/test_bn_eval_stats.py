@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_compiled_matches_eager
 from torch import nn
 from triton_interpreter import compile_for_gpu, run_triton_cases_in_child, select_cpu_backend
 
@@ -159,12 +160,7 @@ def test_compile_fullgraph_inductor_matches_eager(layout):
         y, mean, var = bes.bn_eval_stats(conv(a), scale, shift, backend="cpp")
         return torch.relu(y).sum() + mean.norm() + var.norm()
 
-    torch._dynamo.reset()
-    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    le = f(xe)
-    lc = torch.compile(f, fullgraph=True)(xc)
-    torch.testing.assert_close(lc, le)
-    torch.testing.assert_close(torch.autograd.grad(lc, xc)[0], torch.autograd.grad(le, xe)[0])
+    assert_compiled_matches_eager(f, x)
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)

@@ -20,6 +20,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_compiled_matches_eager
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from triton_interpreter import compile_for_gpu, run_triton_cases_in_child, select_cpu_backend
@@ -239,10 +240,16 @@ def test_gram_loss_matches_float64(cpu_backend):
 
 
 @pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
-@pytest.mark.parametrize("shape", [(6, 5, 4, 7), (3, 1, 1, 1), (1, 3, 2, 2)])
-def test_bn_stat_loss_matches_float64(cpu_backend, shape):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(6, 5, 4, 7), (2, 3, 17, 9), (3, 1, 1, 1), (1, 3, 2, 2), (3, 1, 2, 2),
+                                   (4, 6, 1, 1)])
+def test_bn_stat_loss_matches_float64(cpu_backend, layout, shape):
+    """Loss and gradient against float64 in both layouts: a channels_last map (how the recover teacher runs on
+    a CPU) is read in place by the column kernel and its gradient comes back channels_last like the map."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(*shape, generator=g) * 2 + 0.5
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     rm, rv = torch.randn(shape[1], generator=g), torch.rand(shape[1], generator=g) + 0.5
 
     def run(fn, x, rm, rv, **extra):
@@ -254,31 +261,7 @@ def test_bn_stat_loss_matches_float64(cpu_backend, shape):
     base = run(fm.bn_stat_loss_reference, x, rm, rv)
     got = run(fm.bn_stat_loss, x, rm, rv, backend=cpu_backend)
     for i, (o, r, b) in enumerate(zip(got, ref, base)):
-        assert_rule(o, r, b, torch.float32, f"{cpu_backend} bn output {i}")
-    mean, var = fm.bn_stats(x.double(), backend=cpu_backend)
-    torch.testing.assert_close(var, x.double().var((0, 2, 3), unbiased=False))
-    torch.testing.assert_close(mean, x.double().mean((0, 2, 3)))
-
-
-@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
-@pytest.mark.parametrize("shape", [(6, 5, 4, 7), (2, 3, 17, 9), (3, 1, 2, 2), (4, 6, 1, 1)])
-def test_bn_stat_loss_channels_last(cpu_backend, shape):
-    """A channels_last map (how the recover teacher runs on a CPU) is read in place by the column kernel:
-    same rule against float64, and its gradient comes back channels_last like the map."""
-    g = torch.Generator().manual_seed(6)
-    x = (torch.randn(*shape, generator=g) * 3 + 4).contiguous(memory_format=torch.channels_last)
-    rm, rv = torch.randn(shape[1], generator=g), torch.rand(shape[1], generator=g) + 0.5
-
-    def run(fn, x, rm, rv, **extra):
-        xr = x.clone().requires_grad_(True)
-        loss = fn(xr, rm, rv, **extra)
-        return loss, *torch.autograd.grad(loss * 0.3, xr)
-
-    ref = run(fm.bn_stat_loss_reference, x.double(), rm.double(), rv.double())
-    base = run(fm.bn_stat_loss_reference, x, rm, rv)
-    got = run(fm.bn_stat_loss, x, rm, rv, backend=cpu_backend)
-    for i, (o, r, b) in enumerate(zip(got, ref, base)):
-        assert_rule(o, r, b, torch.float32, f"{cpu_backend} channels_last bn output {i}")
+        assert_rule(o, r, b, torch.float32, f"{cpu_backend} {layout} bn output {i}")
     if cpu_backend == "cpp" and fm._channels_last(x):
         assert got[1].is_contiguous(memory_format=torch.channels_last)
     mean, var = fm.bn_stats(x.double(), backend=cpu_backend)
@@ -423,12 +406,7 @@ def test_compile_inductor_bn_stat_loss_channels_last():
     def f(a):
         return fm.bn_stat_loss(torch.relu(a) * 2.0, rm, rv, var_weight=0.5, backend="cpp")
 
-    torch._dynamo.reset()
-    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    le = f(xe)
-    lc = torch.compile(f, fullgraph=True)(xc)
-    torch.testing.assert_close(lc, le)
-    torch.testing.assert_close(torch.autograd.grad(lc, xc)[0], torch.autograd.grad(le, xe)[0])
+    assert_compiled_matches_eager(f, x)
 
 
 @needs_cpp
@@ -439,12 +417,7 @@ def test_compile_inductor_persample():
     def f(a):
         return fm.moment_loss([a], labels, stats, 2, mode="persample", backend="cpp", validate=False)
 
-    torch._dynamo.reset()
-    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    le = f(xe)
-    lc = torch.compile(f, fullgraph=True)(xc)
-    torch.testing.assert_close(lc, le)
-    torch.testing.assert_close(torch.autograd.grad(lc, xc)[0], torch.autograd.grad(le, xe)[0])
+    assert_compiled_matches_eager(f, x)
 
 
 def test_matcher_torch_backend_and_weights():
