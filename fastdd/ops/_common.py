@@ -41,6 +41,12 @@ def check_feature_pair(a_name: str, a, b_name: str, b, *, nonempty: bool = False
         raise TypeError(f"{b_name}: dtype {b.dtype} does not match {a_name}'s {a.dtype}")
 
 
+def channels_last_only(x: torch.Tensor) -> bool:
+    """Whether the 4-d x [N, C, H, W] is stored channels_last and not also NCHW-contiguous (C or H*W of 1): the
+    layout the ops read in place with their channels_last paths."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def check_backend_name(backend: Optional[str]) -> None:
     """Raise a ``ValueError`` naming ``backend`` unless it is None, 'auto' or one of :data:`BACKENDS`."""
     if backend is not None and backend != "auto" and backend not in BACKENDS:

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdd.ops._backend import BackendUnavailableError, declare_closed_form, resolve_backend, triton_kernels
-from fastdd.ops._common import FLOAT_DTYPES, acc_dtype, check_backend_name, dispatch
+from fastdd.ops._common import FLOAT_DTYPES, acc_dtype, channels_last_only, check_backend_name, dispatch
 from fastdd.validation import check_tensor
 
 __all__ = ["bn_eval_stats", "bn_eval_stats_reference", "eval_affine"]
@@ -58,14 +58,9 @@ declare_closed_form(_OP)
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
-def _channels_last(x: Tensor) -> bool:
-    """Whether x [N, C, H, W] is stored channels_last and not also NCHW-contiguous."""
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def _layout(x: Tensor) -> torch.memory_format:
     """The layout y and dx take: channels_last for a channels_last x, NCHW-contiguous otherwise."""
-    return torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return torch.channels_last if channels_last_only(x) else torch.contiguous_format
 
 
 def _per_channel(v: Tensor, dtype: torch.dtype) -> Tensor:
@@ -125,8 +120,7 @@ def _triton_fwd(x: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor
         return _closed_form_fwd(x, scale, shift)
     x = x.contiguous(memory_format=_layout(x))
     y = torch.empty_like(x, memory_format=_layout(x))
-    return triton_kernels("bn_eval_stats").launch_forward(x, scale.float().contiguous(), shift.float().contiguous(),
-                                                          y, wrap=_launch_directly)
+    return triton_kernels("bn_eval_stats").launch_forward(x, scale.float().contiguous(), shift.float().contiguous(), y)
 
 
 def _triton_bwd(gy: Tensor, x: Tensor, scale: Tensor, c0: Tensor, c1: Tensor) -> Tensor:
@@ -136,12 +130,7 @@ def _triton_bwd(gy: Tensor, x: Tensor, scale: Tensor, c0: Tensor, c1: Tensor) ->
     x = x.contiguous(memory_format=fmt)
     dx = torch.empty_like(x, memory_format=fmt)
     return triton_kernels("bn_eval_stats").launch_backward(gy.to(x.dtype).contiguous(memory_format=fmt), x,
-                                                           *(v.float().contiguous() for v in (scale, c0, c1)), dx,
-                                                           wrap=_launch_directly)
-
-
-def _launch_directly(kernel):
-    return kernel
+                                                           *(v.float().contiguous() for v in (scale, c0, c1)), dx)
 
 
 _FWD = {"cpp": _native_fwd, "closed_form": _closed_form_fwd, "triton": _triton_fwd}

@@ -65,7 +65,7 @@ import torch
 
 from ..validation import check_tensor
 from ._backend import resolve_backend, triton_kernels
-from ._common import FLOAT_DTYPES, check_backend_name, dispatch
+from ._common import FLOAT_DTYPES, channels_last_only, check_backend_name, dispatch
 
 __all__ = [
     "MODES",
@@ -382,7 +382,7 @@ def _forward_body(kern, x, labels, num_classes, mode, higher, eps, save_map):
     sdt = _stat_dtype(x.dtype)
     order = 4 if higher else 2
     empty = lambda: x.new_empty((0,), dtype=sdt)  # noqa: E731
-    if mode == "pooled" and _channels_last(x):
+    if mode == "pooled" and channels_last_only(x):
         mv = kern.cols(x.permute(0, 2, 3, 1).reshape(N * P, C))  # a view: no copy
         if mv is not None:
             mean, var = (mv[:, j].unsqueeze(0).clone() for j in (0, 1))  # outputs may not alias each other
@@ -422,11 +422,6 @@ def _forward_body(kern, x, labels, num_classes, mode, higher, eps, save_map):
     return mu.clone(), std, skew, kurt, rowstats, amap
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    """Whether x [N, C, H, W] is stored channels_last and not also NCHW-contiguous (C or H*W of 1)."""
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def grad_or_zero_pooled(g: Optional[torch.Tensor], C: int, sdt: torch.dtype, device) -> torch.Tensor:
     """The upstream gradient [1, C] of a pooled statistic as [C] in the statistics dtype (zeros if None)."""
     return torch.zeros((C,), dtype=sdt, device=device) if g is None else g.reshape(C).to(sdt)
@@ -439,7 +434,7 @@ def _backward_body(kern, g_mean, g_second, g_skew, g_kurt, x, labels, mean, rows
     P = H * W
     K = num_classes
     sdt = _stat_dtype(x.dtype)
-    if mode == "pooled" and _channels_last(x):
+    if mode == "pooled" and channels_last_only(x):
         # dx = c0 + c1 (x - mean) per channel, written channels_last like x: one ATen pass, any backend
         c1 = 2.0 * grad_or_zero_pooled(g_second, C, sdt, x.device) / (N * P)
         c0 = grad_or_zero_pooled(g_mean, C, sdt, x.device) / (N * P) - c1 * mean.reshape(C).to(sdt)
@@ -546,7 +541,7 @@ def _fm_bwd_op(g_mean: Optional[torch.Tensor], g_second: Optional[torch.Tensor],
 
 @_fm_bwd_op.register_fake
 def _(g_mean, g_second, g_skew, g_kurt, x, labels, mean, rowstats, amap, num_classes, mode, higher, eps, backend):
-    cl = mode == "pooled" and _channels_last(x)
+    cl = mode == "pooled" and channels_last_only(x)
     return torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 

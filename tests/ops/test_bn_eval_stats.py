@@ -13,6 +13,7 @@ from triton_interpreter import compile_for_gpu, run_triton_cases_in_child, selec
 from fastdd.ops import _backend
 from fastdd.ops import bn_eval_stats as bes
 from fastdd.ops._backend import BackendUnavailableError
+from fastdd.ops._common import channels_last_only
 
 HAS_CPP = _backend.native_has_op("bn_eval_stats")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="fastdd._C not built with the bn_eval_stats kernels")
@@ -64,7 +65,7 @@ def test_matches_float64_reference(backend, layout, shape):
         err = (o.double() - r).abs().max().item()
         floor = 8 * torch.finfo(torch.float32).eps * max(1.0, r.abs().max().item())
         assert err <= 2 * (b.double() - r).abs().max().item() + floor, f"{backend} {name}: error {err:.3e}"
-    if bes._channels_last(x):
+    if channels_last_only(x):
         assert got[0].is_contiguous(memory_format=torch.channels_last)
         assert got[3].is_contiguous(memory_format=torch.channels_last)
 

@@ -29,6 +29,7 @@ from fastdd.matchers.moments import MomentMatcher
 from fastdd.ops import _backend
 from fastdd.ops import feature_moments as fm
 from fastdd.ops._backend import BackendUnavailableError
+from fastdd.ops._common import channels_last_only
 
 HAS_CPP = _backend.native_has_op("feature_moments")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="fastdd._C not built with the feature_moments kernels")
@@ -262,7 +263,7 @@ def test_bn_stat_loss_matches_float64(cpu_backend, layout, shape):
     got = run(fm.bn_stat_loss, x, rm, rv, backend=cpu_backend)
     for i, (o, r, b) in enumerate(zip(got, ref, base)):
         assert_rule(o, r, b, torch.float32, f"{cpu_backend} {layout} bn output {i}")
-    if cpu_backend == "cpp" and fm._channels_last(x):
+    if cpu_backend == "cpp" and channels_last_only(x):
         assert got[1].is_contiguous(memory_format=torch.channels_last)
     mean, var = fm.bn_stats(x.double(), backend=cpu_backend)
     torch.testing.assert_close(var, x.double().var((0, 2, 3), unbiased=False))
