@@ -464,7 +464,7 @@ def _tree_size(name: str, images: torch.Tensor) -> str:
 
     try:
         tree = canonical_name(name) in FILE_TREES
-    except (KeyError, ValueError):
+    except (KeyError, TypeError, ValueError):
         return ""
     return f"{images.shape[-2]}x{images.shape[-1]}" if tree else ""
 
@@ -623,8 +623,11 @@ def cmd_continual(args, method_cls) -> int:
     protocol = ev_values.pop("protocol", "dm") or "dm"
     if protocol == "kd":
         raise UsageError("--eval-protocol kd: continual has no teacher to distil soft labels from; use dm or idc")
-    # the protocol's own defaults (idc: its epochs, lr schedule, CutMix, augmentation), then the flags given
-    ev = make_config(protocol_config, dict(ev_values, name=protocol, dsa_strategy=config.dsa_strategy))
+    # the protocol's own defaults (idc: its epochs, lr schedule, CutMix, augmentation), then the flags given; the
+    # method's DSA strategy is the DM protocol's augmentation, IDC keeps its own
+    if protocol == "dm":
+        ev_values["dsa_strategy"] = config.dsa_strategy
+    ev = make_config(protocol_config, dict(ev_values, name=protocol))
     device = check_device(args.device)
     out = check_out(args.out, args.resume, args.force)
     train, test = _load_data(args.dataset, args.data_path, "train", "test", image_size=args.image_size)

@@ -301,7 +301,9 @@ def run_continual(
             t1 = time.perf_counter()
             test_seen = select_classes(test_d, seen)
             eval_seed = derived_seed(cfg.seed, order_seed, t, 2)
-            ecfg = dataclasses.replace(eval_cfg, seed=eval_seed % (2 ** 31))
+            # idc: only the last epoch's accuracy is reported, so no intermediate test passes (eval_every 0)
+            ecfg = dataclasses.replace(eval_cfg, seed=eval_seed % (2 ** 31),
+                                       eval_every=0 if eval_cfg.protocol == "idc" else eval_cfg.eval_every)
             model_seeds = [derived_seed(cfg.seed, order_seed, t, 3, i) for i in range(m)]
             # the buffer is trained in its own call with its own generator, so its accuracies do not depend
             # on the method it is compared with (same seeds -> the same buffer numbers for every method)

@@ -75,17 +75,19 @@ def _backward_kernel(gy_ptr, x_ptr, dx_ptr, scale_ptr, c0_ptr, c1_ptr, M, C, P, 
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _geometry(x: torch.Tensor):
-    """(M, C, P, sN, sC, sP) of a dense NCHW or channels_last x."""
+def _geometry(x: torch.Tensor, channels_last: bool):
+    """(M, C, P, sN, sC, sP) of x dense in the given layout. The strides come from the layout, not from x: a
+    size-1 dimension may carry any stride (x[..., :, 1] transposed from [..., 1, W] is still "contiguous")."""
     N, C, H, W = x.shape
-    return N * H * W, C, H * W, x.stride(0), x.stride(1), x.stride(3)
+    P = H * W
+    return (N * P, C, P, P * C, 1, C) if channels_last else (N * P, C, P, C * P, P, 1)
 
 
-def launch_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, y: torch.Tensor,
+def launch_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, y: torch.Tensor, channels_last: bool,
                    wrap=_identity) -> Tuple[torch.Tensor, torch.Tensor]:
     """y = scale * x + shift (written into ``y``, laid out like x) and stats [C, 2] float32 (mean, biased
-    var). x dense NCHW or channels_last; scale, shift [C] float32."""
-    M, C, P, sN, sC, sP = _geometry(x)
+    var). x and y dense channels_last (``channels_last``) or NCHW; scale, shift [C] float32."""
+    M, C, P, sN, sC, sP = _geometry(x, channels_last)
     nb = triton.cdiv(M, BLOCK_M)
     part = torch.empty((nb, 2, C), dtype=torch.float32, device=x.device)
     wrap(_forward_kernel)[(nb, triton.cdiv(C, BLOCK_C))](x, y, scale, shift, part, M, C, P, sN, sC, sP,
@@ -100,10 +102,10 @@ def launch_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, y:
 
 
 def launch_backward(gy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor,
-                    dx: torch.Tensor, wrap=_identity) -> torch.Tensor:
-    """dx = (c0 + c1 * x) + scale * gy per channel, written into ``dx`` (x, gy, dx in one dense layout;
+                    dx: torch.Tensor, channels_last: bool, wrap=_identity) -> torch.Tensor:
+    """dx = (c0 + c1 * x) + scale * gy per channel, written into ``dx`` (x, gy, dx dense channels_last or NCHW;
     scale, c0, c1 [C] float32)."""
-    M, C, P, sN, sC, sP = _geometry(x)
+    M, C, P, sN, sC, sP = _geometry(x, channels_last)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_C))
     wrap(_backward_kernel)[grid](gy, x, dx, scale, c0, c1, M, C, P, sN, sC, sP, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
     return dx

@@ -98,6 +98,30 @@ def test_bn_statistics_loss_and_gradient_match_float64_hook_reference(model_name
     assert all(type(m) is nn.BatchNorm2d for m in bn.layers) and list(net.state_dict()) == keys
 
 
+def test_fused_bn_loss_in_train_mode_copies_and_pickles():
+    """The switched layers: in train mode the input is captured as the pre-hook does; a deepcopy or pickle of
+    the model leaves the loss behind (its layers act as plain BatchNorm); ``remove`` restores the class."""
+    import pickle
+
+    g = torch.Generator().manual_seed(4)
+    net = get_model("ConvNetBN", 3, 4, (8, 8), generator=g, width=8).eval()
+    x = torch.randn(5, 3, 8, 8, generator=g)
+    plain = copy.deepcopy(net)
+    bn, ref = BNStatisticsLoss(net, fused=True), BNStatisticsLoss(plain, fused=False)
+    net.train(), plain.train()
+    net(x), plain(x)
+    torch.testing.assert_close(bn.loss(), ref.loss())
+    net.eval()
+    net(x)
+    twin = copy.deepcopy(net)  # after a forward, before loss(): the copy must not drag the loss along
+    assert not hasattr(twin, "_fastdd_owner") and all(not hasattr(m, "_fastdd_owner") for m in twin.modules())
+    torch.testing.assert_close(twin(x), net(x))
+    pickle.loads(pickle.dumps(net))
+    bn.loss()
+    bn.remove()
+    assert all(type(m) is nn.BatchNorm2d for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+
+
 def test_bn_loss_refuses_a_network_without_batchnorm():
     with pytest.raises(ValueError, match="no BatchNorm"):
         BNStatisticsLoss(get_model("ConvNet", 1, 2, (8, 8)))

@@ -49,13 +49,23 @@ class FusedStatsBatchNorm2d(nn.BatchNorm2d):
     _fastdd_index: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        owner = self._fastdd_owner
-        if self.training or not owner.enabled or x.dim() != 4:
+        owner = getattr(self, "_fastdd_owner", None)  # None in a copy of the model (__getstate__)
+        if owner is None or not owner.enabled:
+            return super().forward(x)
+        if self.training or x.dim() != 4 or self.running_var is None:  # captured as the pre-hook does
+            owner.inputs[self._fastdd_index] = x
             return super().forward(x)
         scale, shift = eval_affine(self)
         y, mean, var = bn_eval_stats(x, scale, shift, backend=owner.fused_backend)
         owner.stats[self._fastdd_index] = (mean, var)
         return y
+
+    def __getstate__(self):
+        """Copies and pickles of the model leave the loss behind: the copy's layer is a plain BatchNorm."""
+        state = dict(super().__getstate__())
+        state.pop("_fastdd_owner", None)
+        state.pop("_fastdd_index", None)
+        return state
 
 
 class BNStatisticsLoss:

@@ -95,10 +95,13 @@ def _closed_form_fwd(x: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, T
 
 
 def _closed_form_bwd(gy: Tensor, x: Tensor, scale: Tensor, c0: Tensor, c1: Tensor) -> Tensor:
+    """In the accumulation dtype (c0 and c1 x cancel: fp16 / bf16 coefficients would lose the gradient), cast once."""
     fmt = _layout(x)
     x = x.contiguous(memory_format=fmt)
-    dx = torch.addcmul(_per_channel(c0, x.dtype), x, _per_channel(c1, x.dtype))
-    return dx.addcmul_(gy, _per_channel(scale, x.dtype)).contiguous(memory_format=fmt)
+    acc = acc_dtype(x.dtype)
+    dx = torch.addcmul(_per_channel(c0, acc), x, _per_channel(c1, acc))
+    dx = dx.addcmul_(gy, _per_channel(scale, acc))
+    return dx.to(x.dtype).contiguous(memory_format=fmt)
 
 
 def _native_fwd(x: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
@@ -118,9 +121,11 @@ def _native_bwd(gy: Tensor, x: Tensor, scale: Tensor, c0: Tensor, c1: Tensor) ->
 def _triton_fwd(x: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
     if x.dtype == torch.float64:
         return _closed_form_fwd(x, scale, shift)
-    x = x.contiguous(memory_format=_layout(x))
-    y = torch.empty_like(x, memory_format=_layout(x))
-    return triton_kernels("bn_eval_stats").launch_forward(x, scale.float().contiguous(), shift.float().contiguous(), y)
+    fmt = _layout(x)
+    x = x.contiguous(memory_format=fmt)
+    y = torch.empty_like(x, memory_format=fmt)
+    return triton_kernels("bn_eval_stats").launch_forward(x, scale.float().contiguous(), shift.float().contiguous(), y,
+                                                          fmt == torch.channels_last)
 
 
 def _triton_bwd(gy: Tensor, x: Tensor, scale: Tensor, c0: Tensor, c1: Tensor) -> Tensor:
@@ -130,7 +135,8 @@ def _triton_bwd(gy: Tensor, x: Tensor, scale: Tensor, c0: Tensor, c1: Tensor) ->
     x = x.contiguous(memory_format=fmt)
     dx = torch.empty_like(x, memory_format=fmt)
     return triton_kernels("bn_eval_stats").launch_backward(gy.to(x.dtype).contiguous(memory_format=fmt), x,
-                                                           *(v.float().contiguous() for v in (scale, c0, c1)), dx)
+                                                           *(v.float().contiguous() for v in (scale, c0, c1)), dx,
+                                                           fmt == torch.channels_last)
 
 
 _FWD = {"cpp": _native_fwd, "closed_form": _closed_form_fwd, "triton": _triton_fwd}

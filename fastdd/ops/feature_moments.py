@@ -438,8 +438,8 @@ def _backward_body(kern, g_mean, g_second, g_skew, g_kurt, x, labels, mean, rows
         # dx = c0 + c1 (x - mean) per channel, written channels_last like x: one ATen pass, any backend
         c1 = 2.0 * grad_or_zero_pooled(g_second, C, sdt, x.device) / (N * P)
         c0 = grad_or_zero_pooled(g_mean, C, sdt, x.device) / (N * P) - c1 * mean.reshape(C).to(sdt)
-        shape = (1, C, 1, 1)
-        return torch.addcmul(c0.to(x.dtype).view(shape), x, c1.to(x.dtype).view(shape))
+        shape = (1, C, 1, 1)  # in the statistics dtype (c0 and c1 x cancel: half coefficients lose the gradient)
+        return torch.addcmul(c0.view(shape), x, c1.view(shape)).to(x.dtype)
     x = x.contiguous()
     rows = K * C if mode == "batchavg" else N * C
 

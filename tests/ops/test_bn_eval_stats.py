@@ -85,6 +85,39 @@ def test_low_precision_inputs(backend, dtype):
     torch.testing.assert_close(var.double(), v64, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_size_one_dimension_with_an_odd_stride(backend):
+    """x [2, 3, 5, 1] transposed from [2, 3, 1, 5] is NCHW-contiguous with a stride of 5 on its size-1 last
+    dimension: the kernels address it by its layout, not by that stride."""
+    x = (torch.randn(2, 3, 1, 5, generator=torch.Generator().manual_seed(8)) + 3).transpose(2, 3)
+    assert x.is_contiguous() and x.stride(3) == 5
+    scale, shift = torch.randn(3, dtype=torch.float64).float(), torch.randn(3, dtype=torch.float64).float()
+    got = forward_backward(x, scale, shift, backend=backend)
+    ref = forward_backward(x.double(), scale.double(), shift.double(), fn=bes.bn_eval_stats_reference)
+    for o, r in zip(got, ref):
+        torch.testing.assert_close(o.double(), r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_half_gradient_keeps_its_precision(backend, layout):
+    """A large mean against the spread: c0 and c1 x cancel in dx, so the coefficients stay float32 for half
+    inputs (rounded to fp16 they lost about 30x the precision of the reference)."""
+    g = torch.Generator().manual_seed(9)
+    x = (20 + 0.5 * torch.randn(8, 16, 6, 6, generator=g)).half().contiguous(memory_format=LAYOUTS[layout])
+    scale, shift = torch.ones(16), torch.zeros(16)
+
+    def grad(x, fn, **kw):
+        xr = x.clone().requires_grad_(True)
+        _, mean, var = fn(xr, scale.to(x.dtype), shift.to(x.dtype), **kw)
+        (g,) = torch.autograd.grad((mean - 19.0).norm() + (var - 0.1).norm(), xr)
+        return g.double()
+
+    ref = grad(x.double(), bes.bn_eval_stats_reference)
+    err = (grad(x, bes.bn_eval_stats, backend=backend) - ref).norm() / ref.norm()
+    assert err < 2e-3, float(err)
+
+
 @needs_cpp
 def test_large_mean_keeps_the_variance():
     """The channels_last pass shifts by the first row: a mean 1e4 times the spread still gives the variance

@@ -270,6 +270,23 @@ def test_bn_stat_loss_matches_float64(cpu_backend, layout, shape):
     torch.testing.assert_close(mean, x.double().mean((0, 2, 3)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bn_stat_loss_channels_last_half_gradient(dtype):
+    """Half channels_last maps with a large mean: the backward's c0 and c1 x cancel, so they are combined in
+    float32 and cast once (half coefficients lost ~30x the precision of the NCHW path)."""
+    g = torch.Generator().manual_seed(10)
+    x = (20 + 0.5 * torch.randn(8, 16, 6, 6, generator=g)).to(dtype)
+    rm, rv = torch.full((16,), 19.0), torch.full((16,), 0.1)
+
+    def grad(a):
+        a = a.clone().requires_grad_(True)
+        return torch.autograd.grad(fm.bn_stat_loss(a, rm, rv), a)[0].double()
+
+    ref = grad(x.double())
+    errs = [float((grad(a) - ref).norm() / ref.norm()) for a in (x, x.contiguous(memory_format=torch.channels_last))]
+    assert errs[1] <= 2 * errs[0] + 1e-3, errs
+
+
 @needs_cpp
 def test_bn_stats_channels_last_large_mean():
     """The column kernel's one-pass variance is shifted by the first row: a mean 1e4 times the spread keeps
