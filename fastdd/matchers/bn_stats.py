@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..ops.bn_eval_stats import bn_eval_stats, eval_affine
-from ..ops.feature_moments import bn_stat_loss
+from ..ops.feature_moments import bn_stat_distance, bn_stat_loss
 
 
 def batchnorm_layers(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
@@ -114,9 +114,7 @@ class BNStatisticsLoss:
                 term = bn_stat_loss(x, layer.running_mean, layer.running_var, var_weight=self.var_weight,
                                     backend=self.backend)
             else:
-                mean, var = st
-                term = torch.linalg.vector_norm(mean - layer.running_mean.to(mean.dtype)) + self.var_weight * \
-                    torch.linalg.vector_norm(var - layer.running_var.to(var.dtype))
+                term = bn_stat_distance(*st, layer.running_mean, layer.running_var, self.var_weight)
             if i == 0:
                 term = term * self.first_multiplier
             total = term if total is None else total + term

@@ -79,6 +79,7 @@ __all__ = [
     "gram_loss_reference",
     "bn_stats",
     "bn_stat_loss",
+    "bn_stat_distance",
     "bn_stat_loss_reference",
     "validate_maps",
     "validate_class_labels",
@@ -422,11 +423,6 @@ def _forward_body(kern, x, labels, num_classes, mode, higher, eps, save_map):
     return mu.clone(), std, skew, kurt, rowstats, amap
 
 
-def grad_or_zero_pooled(g: Optional[torch.Tensor], C: int, sdt: torch.dtype, device) -> torch.Tensor:
-    """The upstream gradient [1, C] of a pooled statistic as [C] in the statistics dtype (zeros if None)."""
-    return torch.zeros((C,), dtype=sdt, device=device) if g is None else g.reshape(C).to(sdt)
-
-
 def _backward_body(kern, g_mean, g_second, g_skew, g_kurt, x, labels, mean, rowstats, amap, num_classes,
                    mode, higher, eps):
     """dx for the forward of :func:`_forward_body`: per-row polynomial coefficients, then one pass."""
@@ -434,19 +430,19 @@ def _backward_body(kern, g_mean, g_second, g_skew, g_kurt, x, labels, mean, rows
     P = H * W
     K = num_classes
     sdt = _stat_dtype(x.dtype)
-    if mode == "pooled" and channels_last_only(x):
-        # dx = c0 + c1 (x - mean) per channel, written channels_last like x: one ATen pass, any backend
-        c1 = 2.0 * grad_or_zero_pooled(g_second, C, sdt, x.device) / (N * P)
-        c0 = grad_or_zero_pooled(g_mean, C, sdt, x.device) / (N * P) - c1 * mean.reshape(C).to(sdt)
-        shape = (1, C, 1, 1)  # in the statistics dtype (c0 and c1 x cancel: half coefficients lose the gradient)
-        return torch.addcmul(c0.view(shape), x, c1.view(shape)).to(x.dtype)
-    x = x.contiguous()
-    rows = K * C if mode == "batchavg" else N * C
 
     def grad_or_zero(g):
         return torch.zeros((K, C), dtype=sdt, device=x.device) if g is None else g.to(sdt)
 
     gm, gs = grad_or_zero(g_mean), grad_or_zero(g_second)
+    if mode == "pooled" and channels_last_only(x):
+        # dx = c0 + c1 (x - mean) per channel, written channels_last like x: one ATen pass, any backend
+        c1 = 2.0 * gs.reshape(C) / (N * P)
+        c0 = gm.reshape(C) / (N * P) - c1 * mean.reshape(C).to(sdt)
+        shape = (1, C, 1, 1)  # in the statistics dtype (c0 and c1 x cancel: half coefficients lose the gradient)
+        return torch.addcmul(c0.view(shape), x, c1.view(shape)).to(x.dtype)
+    x = x.contiguous()
+    rows = K * C if mode == "batchavg" else N * C
     if mode == "pooled":
         mu_c = mean.reshape(C).to(sdt)
         scale = 1.0 / (N * P)
@@ -774,6 +770,12 @@ def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
     C = x.shape[1]
     check_tensor("running_mean", running_mean, shape=(C,), dtypes=FLOAT_DTYPES, device=x.device)
     check_tensor("running_var", running_var, shape=(C,), dtypes=FLOAT_DTYPES, device=x.device)
-    mean, var = bn_stats(x, backend=backend)
+    return bn_stat_distance(*bn_stats(x, backend=backend), running_mean, running_var, var_weight)
+
+
+def bn_stat_distance(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                     var_weight: float = 1.0) -> torch.Tensor:
+    """The BN-statistics term from batch statistics mean, var [C] (0-d, their dtype):
+    ||mean - running_mean||_2 + var_weight * ||var - running_var||_2."""
     return torch.linalg.vector_norm(mean - running_mean.to(mean.dtype)) + var_weight * torch.linalg.vector_norm(
         var - running_var.to(var.dtype))
